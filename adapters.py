@@ -333,13 +333,20 @@ class Adapter:
 
     # Response side
 
+    def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+        """Frame the upstream byte stream into events; engines with another framing override this."""
+        return iter_sse(chunks)
+
     def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if not isinstance(native, dict) or not isinstance(native.get("choices"), list):
             raise UpstreamError(502, "upstream answered without choices")
         native["model"] = model
         return native
 
-    async def parse_stream(self, events: AsyncIterator[SSEEvent], model: str) -> AsyncIterator[dict[str, Any]]:
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Pass the upstream's chunks through with the client's model name; usage is the upstream's."""
         finished = False
         async for event in events:
             if event.data == "[DONE]":

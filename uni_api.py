@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
 import importlib.util
@@ -62,6 +64,7 @@ UPSTREAM_BODY_LIMIT: Final = 64 * 1024 * 1024
 CONFIG_FETCH_LIMIT: Final = 4 * 1024 * 1024
 CONFIG_FETCH_TIMEOUT: Final = 15.0
 DISCOVERY_TIMEOUT: Final = 15.0
+TOKEN_REFRESH_MARGIN: Final = 300.0
 STRATEGY_NAMES: Final = ("fixed_priority", "round_robin", "weighted_round_robin", "lottery", "random")
 KEY_STRATEGY_NAMES: Final = ("round_robin", "random", "fixed_priority")
 PROXY_SCHEMES: Final = ("http", "https", "socks4", "socks5", "socks5h")
@@ -207,11 +210,10 @@ class _Node:
         line = self.line
         if key is not None and isinstance(self.data, CommentedMap) and key in self.data:
             line = self.data.lc.key(key)[0]
-        elif isinstance(self.data, CommentedMap):
+        elif isinstance(self.data, CommentedMap) and self.data.lc.line is not None:  # None: made here, not read
             line = self.data.lc.line
         where = f"{self.path}.{key}" if key and self.path else (key or self.path or "<root>")
-        return ConfigError(f"{Path(self.source).name if '://' not in self.source else self.source}:"
-                           f"{line + 1}: {where}: {message}")
+        return _config_error(self.source, line, where, message)
 
     def child_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -251,7 +253,7 @@ def _type_name(value: Any) -> str:
 
 def _kind_names(kinds: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "a number", float: "a number", bool: "true or false", dict: "a mapping",
-             list: "a list"}
+             list: "a list", datetime.date: "a date"}
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     return " or ".join(dict.fromkeys(names[k] for k in kinds))
 
@@ -367,7 +369,8 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
     keys = (api,) if isinstance(api, str) else tuple(str(k) for k in api)
     prefs = node.mapping("preferences") or _Node(CommentedMap(), node.child_path("preferences"), node.source)
     prefs.check_keys(_PROVIDER_PREFS)
-    extra = {k: str(node.get(k, (str, int))) for k in _PROVIDER_EXTRA if node.get(k, (str, int)) is not None}
+    extra = {k: str(node.get(k, (str, int, datetime.date))) for k in _PROVIDER_EXTRA
+             if node.get(k, (str, int, datetime.date)) is not None}  # an unquoted api_version reads as a date
     provider = Provider(
         name=name,
         engine=adapters.infer_engine(base_url, "", engine),
@@ -753,6 +756,7 @@ class Gateway:
     known_models: frozenset[str]
     scheduler: Scheduler
     session: aiohttp.ClientSession
+    tokens: TokenCache
     socks_sessions: Mapping[str, aiohttp.ClientSession] = field(default_factory=dict)
 
 
@@ -820,6 +824,74 @@ def _check_triggers(text: str, triggers: Sequence[str]) -> None:
             raise UpstreamError(502, f"answer matched error trigger '{trigger}'", retryable=True)
 
 
+class TokenCache:
+    """Google OAuth tokens per provider: one exchange shared by concurrent requests, reused until near expiry."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._pending: dict[str, asyncio.Future[str]] = {}
+
+    async def get(self, provider: Provider) -> str:
+        cached = self._tokens.get(provider.name)
+        if cached and cached[1] - TOKEN_REFRESH_MARGIN > time.time():
+            return cached[0]
+        pending = self._pending.get(provider.name)
+        if pending is None:
+            pending = self._pending[provider.name] = asyncio.ensure_future(self._exchange(provider))
+            pending.add_done_callback(lambda _: self._pending.pop(provider.name, None))
+        return await asyncio.shield(pending)
+
+    async def _exchange(self, provider: Provider) -> str:
+        extra, now = provider.extra, int(time.time())
+        token_uri = extra.get("token_uri") or adapters.GOOGLE_TOKEN_URI
+        assertion = adapters.google_jwt_assertion(extra.get("client_email", ""),
+                                                  extra.get("private_key", "").replace("\\n", "\n"), token_uri, now)
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+        with _transport_errors(30.0):
+            async with self._session.post(token_uri, data=form, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                body = await response.read()
+        try:
+            answer = adapters.loads(body) if response.status == 200 else {}
+            token, lifetime = str(answer["access_token"]), float(answer.get("expires_in", 3600))
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamError(502, f"OAuth token exchange failed with HTTP {response.status}", retryable=True) from None
+        self._tokens[provider.name] = (token, now + lifetime)
+        return token
+
+
+_IMAGE_LIMIT: Final = 20 * 1024 * 1024
+
+
+async def inline_images(session: aiohttp.ClientSession, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `body` whose http(s) image URLs became data URIs, for providers that cannot fetch URLs."""
+    messages = []
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [await _inline_part(session, part) for part in content]
+            message = {**message, "content": content}
+        messages.append(message)
+    return {**body, "messages": messages}
+
+
+async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
+    image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+    url = image.get("url") if isinstance(image, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return part
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
+            data = await response.content.read(_IMAGE_LIMIT + 1)
+            kind = response.headers.get("Content-Type", "image/jpeg").split(";")[0]
+            ok = response.status == 200 and len(data) <= _IMAGE_LIMIT
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        ok = False
+    if not ok:
+        raise UpstreamError(400, f"could not fetch the image at {url[:200]}")
+    return {**part, "image_url": {**image, "url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}}
+
+
 # --- Attempts: one try of one channel ---
 
 Send = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
@@ -832,17 +904,24 @@ def _json_response(body: bytes, status: int = 200) -> Response:
 def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str) -> Send:
     """Send one chat attempt; streams commit only after the first converted chunk arrived."""
     triggers = gw.config.error_triggers
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    inlined: list[dict[str, Any]] = []
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         policy = gw.config.policies[channel.provider]
-        response = await _open(gw, policy, adapter.build_request(body, target), timeout)
+        if adapter.inline_images and not inlined:
+            inlined.append(await inline_images(gw.session, body))
+        request = adapter.build_request(inlined[0] if adapter.inline_images else body, target)
+        response = await _open(gw, policy, request, timeout)
         try:
             await _check_status(response, adapter, timeout)
             if not body.get("stream"):
                 raw = await _read(response, timeout)
                 _check_triggers(raw.decode("utf-8", "replace"), triggers)
                 return _json_response(adapters.dumps(adapter.parse_response(_parse_json(raw), model)))
-            chunks = adapter.parse_stream(adapters.iter_sse(response.content.iter_any()), model)
+            chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model,
+                                          include_usage=include_usage)
             with _transport_errors(timeout):
                 first = await anext_or_fail(chunks)
             frame = adapters.sse_frame(first)
@@ -985,9 +1064,11 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
                    send: Send) -> Response | UpstreamError:
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
-    target = Target(provider, channel.upstream_model, provider.api_keys[index] if index >= 0 else "")
     started = time.perf_counter()
     try:
+        token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
+        target = Target(provider, channel.upstream_model, provider.api_keys[index] if index >= 0 else "", token,
+                        time.time())
         response = await send(channel, adapter, target, timeout)
     except UpstreamError as exc:
         exc.message = _redact(exc.message, provider)
@@ -1141,7 +1222,7 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None) -> Starlet
         socks = {proxy: _socks_session(proxy) for proxy in proxies}
         try:
             routes, known = build_routes(config, await discover_models(config, session), int(time.time()))
-            gateway = Gateway(config, routes, known, scheduler or Scheduler(), session, socks)
+            gateway = Gateway(config, routes, known, scheduler or Scheduler(), session, TokenCache(session), socks)
             app.state.gateway = gateway
             yield {"gateway": gateway}
         finally:
