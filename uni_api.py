@@ -223,7 +223,7 @@ class _Node:
             if required:
                 raise self.error(f"missing required key '{key}'")
             return default
-        value = _expand_env(self.data[key], self, key)
+        value = self.data[key]  # ${VAR} placeholders were expanded once, on load
         if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
             raise self.error(f"expected {_kind_names(kinds)}, got a boolean", key)
         if not isinstance(value, kinds):
@@ -246,7 +246,18 @@ class _Node:
                 raise self.error(f"unknown key '{key}'", str(key))
 
 
+def _source_name(source: str) -> str:
+    """How messages name the config: a URL in full, a path by its file name."""
+    return source if "://" in source else Path(source).name
+
+
+def _config_error(source: str, line: int, path: str, message: str) -> ConfigError:
+    return ConfigError(f"{_source_name(source)}:{line + 1}: {path}: {message}")
+
+
 def _type_name(value: Any) -> str:
+    if isinstance(value, datetime.date):
+        return "a date"
     return {dict: "a mapping", CommentedMap: "a mapping", list: "a list", CommentedSeq: "a list",
             str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(value), "nothing")
 
@@ -258,8 +269,12 @@ def _kind_names(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(names[k] for k in kinds))
 
 
-def _expand_env(value: Any, node: _Node, key: str) -> Any:
-    """`${VAR}` and `${VAR:-default}` in any string, nested values included."""
+def _expand_env(value: Any, source: str, path: str, line: int) -> Any:
+    """`${VAR}` and `${VAR:-default}` in every string value, once, in place; errors name the value's path.
+
+    `${VAR:-d}` gives d when VAR is unset or empty, as the shell does; `${VAR}` gives "" when VAR is set but
+    empty and is an error when VAR is unset. Mapping keys are left alone (rule weights expand theirs).
+    """
     if isinstance(value, str):
         if "${" not in value:
             return value
@@ -269,17 +284,18 @@ def _expand_env(value: Any, node: _Node, key: str) -> Any:
             found = os.environ.get(name)
             if found is None or (found == "" and default is not None):
                 if default is None:
-                    raise node.error(f"environment variable {name} is not set", key)
+                    raise _config_error(source, line, path, f"environment variable {name} is not set")
                 return default
             return found
 
         return _ENV_PATTERN.sub(substitute, value)
-    if isinstance(value, dict):
+    if isinstance(value, CommentedMap):
         for k in list(value):
-            value[k] = _expand_env(value[k], node, key)
-    elif isinstance(value, list):
+            child = f"{path}.{k}" if path else str(k)
+            value[k] = _expand_env(value[k], source, child, value.lc.key(k)[0])
+    elif isinstance(value, CommentedSeq):
         for i, item in enumerate(value):
-            value[i] = _expand_env(item, node, key)
+            value[i] = _expand_env(item, source, f"{path}[{i}]", value.lc.item(i)[0])
     return value
 
 
@@ -311,8 +327,8 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{Path(source).name}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
-    root = _Node(raw if raw is not None else CommentedMap(), "", source)
+        raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
+    root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
     root.check_keys(("providers", "api_keys", "preferences"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
@@ -329,13 +345,17 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         raise root.error("missing required key 'providers' (a list with at least one provider)")
     entries = root.items("api_keys")
     tokens = {str(item.get("api")) for _, item, _ in entries if isinstance(item, dict)}
-    keys = tuple(_parse_api_key(_Node(item, path, source, line), providers, tokens) for path, item, line in entries)
+    digests: dict[bytes, ApiKey] = {}
+    for path, item, line in entries:
+        node = _Node(item, path, source, line)
+        key = _parse_api_key(node, providers, tokens)
+        if _digest(key.token) in digests:
+            raise node.error("duplicate api key (an earlier api_keys entry has the same one)", "api")
+        digests[_digest(key.token)] = key
+    keys = tuple(digests.values())
     if not keys:
         raise root.error("missing required key 'api_keys' (a list with at least one key)")
     _check_key_references(keys, root)
-    digests = {_digest(k.token): k for k in keys}
-    if len(digests) != len(keys):
-        raise root.error("two api_keys entries share the same api key")
     triggers = tuple(str(t) for t in prefs.get("error_triggers", list, []))
     return Config(
         source=source,
@@ -378,7 +398,7 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         base_url=base_url,
         api_keys=keys,
         models=_parse_models(node),
-        headers=MappingProxyType({str(k): str(v) for k, v in (prefs.get("headers", dict, {})).items()}),
+        headers=_headers(prefs),
         overrides=_overrides(prefs),
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
@@ -399,12 +419,22 @@ def _parse_models(node: _Node) -> tuple[tuple[str, str], ...]:
     for path, item, line in node.items("model"):
         if isinstance(item, str):
             models.append((item, item))
-        elif isinstance(item, dict) and len(item) == 1:
+        elif isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), str):
             upstream, alias = next(iter(item.items()))
             models.append((str(alias), str(upstream)))
         else:
             raise _Node(CommentedMap(), path, node.source, line).error("expected a model name or 'upstream: alias'")
     return tuple(models)
+
+
+def _headers(prefs: _Node) -> Mapping[str, str]:
+    node = prefs.mapping("headers")
+    if node is None:
+        return MappingProxyType({})
+    for name, value in node.data.items():
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise node.error(f"expected a header value (a string), got {_type_name(value)}", name)
+    return MappingProxyType({str(k): str(v) for k, v in node.data.items()})
 
 
 def _overrides(prefs: _Node) -> Mapping[str, Mapping[str, Any]]:
@@ -451,38 +481,39 @@ def _proxy(node: _Node, key: str) -> str | None:
     return value
 
 
-def _table(node: _Node, key: str, convert: Callable[[Any, str], T]) -> ModelTable[T] | None:
+def _table(node: _Node, key: str, convert: Callable[[Any], T]) -> ModelTable[T] | None:
+    """One value for every model, or a per-model map with `default`; `convert` raises ValueError."""
     value = node.get(key, (str, int, float, dict))
     if value is None:
         return None
+
+    def checked(where: _Node, entry: str, raw: Any) -> T:
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+                raise ValueError(f"expected a value, got {_type_name(raw)}")
+            return convert(raw)
+        except ValueError as exc:
+            raise where.error(str(exc), entry) from None
+
     if not isinstance(value, dict):
-        return ModelTable(MappingProxyType({}), convert(value, key))
+        return ModelTable(MappingProxyType({}), checked(node, key, value))
     sub = _Node(value, node.child_path(key), node.source, node.line)
-    entries = {str(model): convert(v, str(model)) if not isinstance(v, bool) else None for model, v in value.items()}
-    for model, converted in entries.items():
-        if converted is None:
-            raise sub.error("expected a value, got a boolean", model)
+    entries = {str(model): checked(sub, model, v) for model, v in value.items()}
     default = entries.pop("default", None)
     return ModelTable(MappingProxyType(entries), default)
 
 
 def _timeouts(node: _Node, key: str) -> ModelTable[float] | None:
-    def convert(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise node.error(f"'{where}' must be a number of seconds > 0", key)
+    def convert(value: Any) -> float:
+        if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError("expected a number of seconds > 0")
         return float(value)
 
     return _table(node, key, convert)
 
 
 def _rate_table(node: _Node, key: str) -> ModelTable[tuple[RateLimit, ...]] | None:
-    def convert(value: Any, where: str) -> tuple[RateLimit, ...]:
-        try:
-            return parse_rate_limits(str(value))
-        except ValueError as exc:
-            raise node.error(f"'{value}': {exc}", key) from None
-
-    return _table(node, key, convert)
+    return _table(node, key, lambda value: parse_rate_limits(str(value)))
 
 
 def _parse_api_key(node: _Node, providers: Mapping[str, Provider], tokens: set[str]) -> ApiKey:
@@ -493,8 +524,8 @@ def _parse_api_key(node: _Node, providers: Mapping[str, Provider], tokens: set[s
     strategy = prefs.get("SCHEDULING_ALGORITHM", str, "fixed_priority")
     if strategy not in STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(STRATEGY_NAMES)}", "SCHEDULING_ALGORITHM")
-    retry = prefs.get("AUTO_RETRY", (bool, int), True)
-    if not isinstance(retry, bool) and retry < 0:
+    retry = prefs.get("AUTO_RETRY", (bool, int, float, str), True)
+    if not isinstance(retry, (bool, int)) or (not isinstance(retry, bool) and retry < 0):
         raise prefs.error("expected true, false or a number of retries >= 0", "AUTO_RETRY")
     retries = None if retry is True else (0 if retry is False else retry)
     model = node.get("model", (list, str), ["all"])
@@ -516,9 +547,9 @@ def _parse_rule(item: Any, path: str, line: int, key_node: _Node, providers: Map
         item, weight = next(iter(item.items()))
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise where.error("a rule's weight must be a whole number >= 0")
+        item = _expand_env(item, key_node.source, path, line)  # a key; values were expanded on load
     if not isinstance(item, str) or not item:
         raise where.error("expected a model rule such as 'gpt-4o', 'provider/*' or 'provider/model: 5'")
-    item = str(_expand_env(item, where, None))  # type: ignore[arg-type]
     if item.startswith("<") and item.endswith(">"):
         return Rule("model", model=item[1:-1], weight=weight)
     if item == "all":
@@ -572,11 +603,13 @@ async def fetch_text(url: str, *, limit: int = CONFIG_FETCH_LIMIT, timeout: floa
                 session.get(url) as response:
             if response.status != 200:
                 raise ConfigError(f"{url}: could not fetch the config: HTTP {response.status}")
-            body = await response.content.read(limit + 1)
+            body = bytearray()
+            async for piece in response.content.iter_chunked(64 * 1024):  # read(n) may return less than n
+                body += piece
+                if len(body) > limit:
+                    raise ConfigError(f"{url}: the config is larger than {limit} bytes")
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise ConfigError(f"{url}: could not fetch the config: {exc or type(exc).__name__}") from None
-    if len(body) > limit:
-        raise ConfigError(f"{url}: the config is larger than {limit} bytes")
     return body.decode("utf-8", "replace")
 
 
@@ -589,6 +622,8 @@ def load_config(source: str) -> Config:
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read the config: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: cannot read the config: not UTF-8 text ({exc.reason})") from None
     return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
 
 
@@ -720,6 +755,8 @@ def validate_chat(body: Mapping[str, Any]) -> str:
             raise InvalidRequest(f"'messages[{i}]' must be an object with a string 'role'.")
     if not isinstance(body.get("stream", False), bool):
         raise InvalidRequest("'stream' must be a boolean.")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise InvalidRequest("'stream_options' must be an object.")
     return model
 
 
@@ -1024,38 +1061,38 @@ def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int 
 
 
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send) -> Response:
-    """Try the key's channels for `model` in scheduled order until one answers."""
+    """Try the key's channels for `model` in scheduled order, each key of a channel at most once."""
     channels = channels_for(gw, key, model)
     wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
     budget = math.inf if key.retries is None else key.retries + 1
+    attempts = 0
     failures: list[tuple[Channel, UpstreamError]] = []
     for channel in gw.scheduler.plan(key.token, channels, key.strategy):
         policy = gw.config.policies[channel.provider]
         timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts,
                                   gw.config.default_timeout)
         tried: list[int] = []
-        while len(failures) < budget:
+        while attempts < budget:
             index = _next_key(gw, policy, channel.upstream_model, tried)
             if index is None:
                 if not tried:
                     failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
                 break
             tried.append(index)
-            error = await _attempt(gw, key, channel, index, timeout, send)
-            if isinstance(error, Response):
-                return error
-            failures.append((channel, error))
-            if not error.retryable:
-                raise GatewayError(error.message, status=error.status, type_="invalid_request_error",
+            attempts += 1
+            outcome = await _attempt(gw, key, channel, index, timeout, send)
+            if isinstance(outcome, Response):
+                return outcome
+            failures.append((channel, outcome))
+            if not outcome.retryable:
+                raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
                                    code="upstream_error")
-            if error.status in _KEY_FAILURES and index >= 0:
-                gw.scheduler.record_key_failure(policy.keys, index, error.retry_after)
+            if outcome.status in _KEY_FAILURES and index >= 0:
+                gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
                 continue
             gw.scheduler.record_failure(channel)
-            break
-        if len(failures) >= budget:
             break
     raise _all_failed(model, failures)
 

@@ -537,3 +537,38 @@ def test_concurrent_requests_get_their_own_answers(upstream: FakeUpstream, make_
     started = time.monotonic()
     assert asyncio.run(run()) == [f"echo: m{i}" for i in range(40)]
     assert time.monotonic() - started < 20
+
+
+def test_http_proxy_of_the_provider_carries_the_request(upstream: FakeUpstream, make_gateway, server_loop) -> None:
+    from aiohttp import ClientSession, web
+
+    seen: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        seen.append(str(request.url))
+        async with ClientSession() as session, session.request(
+                request.method, str(request.url), data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k.lower() not in ("host", "proxy-connection")},
+        ) as answer:
+            return web.Response(status=answer.status, body=await answer.read(),
+                                content_type=answer.content_type)
+
+    async def start() -> tuple[web.AppRunner, int]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    runner, port = server_loop.run(start())
+    try:
+        config = simple_config(upstream)
+        config["providers"][0]["preferences"]["proxy"] = f"http://127.0.0.1:{port}"
+        gw = make_gateway(config)
+        answer = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER)
+        assert answer.choices[0].message.content == "echo: hi"
+        assert seen == [f"{upstream.url}/v1/chat/completions"]
+    finally:
+        server_loop.run(runner.cleanup())
