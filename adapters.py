@@ -7,13 +7,21 @@ Pure code: no sockets, no environment, no clock and no global mutable state.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import hashlib
+import hmac
 import json
+import mimetypes
+import struct
+import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Final, Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 try:
     import orjson
@@ -415,7 +423,7 @@ class OpenRouterAdapter(Adapter):
 
 
 class AzureAdapter(Adapter):
-    """Azure OpenAI: deployment URLs with `api-version`, and the `api-key` header (learn.microsoft.com REST reference)."""
+    """Azure OpenAI: deployment URLs with `api-version` and the `api-key` header (Azure OpenAI REST reference)."""
 
     engine = "azure"
     auth = "api-key"
@@ -438,15 +446,1568 @@ _OPENAI_ADAPTERS: Final = (OpenAIAdapter(), OpenRouterAdapter(), AzureAdapter())
 
 # --- Anthropic: claude, vertex-claude, aws (Bedrock) ---
 
-_CLAUDE_ADAPTERS: Final[tuple[Adapter, ...]] = ()
+
+ANTHROPIC_VERSION: Final = "2023-06-01"
+# The Messages API requires max_tokens. 4096 is the output cap of the smallest Claude models (Claude 3 Haiku
+# and Opus), so every Claude model accepts it; clients wanting longer answers send max_tokens themselves.
+CLAUDE_DEFAULT_MAX_TOKENS: Final = 4096
+# reasoning_effort -> thinking.budget_tokens ("Extended thinking": 1024 is the minimum budget).
+_CLAUDE_THINKING_BUDGETS: Final = MappingProxyType({"low": 1024, "medium": 4096, "high": 16384})
+_CLAUDE_TOOL_CHOICES: Final = MappingProxyType({"auto": "auto", "none": "none", "required": "any"})
+# Messages API `stop_reason` -> OpenAI finish_reason.
+_CLAUDE_STOP_REASONS: Final = MappingProxyType({
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+    "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter",
+})
+# Anthropic "Errors": error.type -> HTTP status, for errors that arrive inside a 200 stream.
+_CLAUDE_ERROR_STATUS: Final = MappingProxyType({
+    "invalid_request_error": 400, "authentication_error": 401, "permission_error": 403, "not_found_error": 404,
+    "request_too_large": 413, "rate_limit_error": 429, "api_error": 500, "overloaded_error": 529,
+})
+# The Messages API has no JSON mode, so response_format json_object/json_schema becomes this system text.
+_CLAUDE_JSON_INSTRUCTION: Final = "Reply with one valid JSON value only: no prose around it and no markdown fences."
+# Claude wants the conversation to open with a user turn; a history opening with the assistant gets this first.
+_CLAUDE_OPENING_TURN: Final = "(continued)"
+
+
+def _claude_source(url: str) -> dict[str, str] | None:
+    """A `data:<type>;base64,<data>` URI as a Claude base64 source, else None."""
+    head, comma, data = url.partition(",")
+    if not (url.startswith("data:") and comma and head.endswith(";base64")):
+        return None
+    return {"type": "base64", "media_type": head[5:-7], "data": data}
+
+
+def _claude_text(part: Mapping[str, Any]) -> dict[str, Any] | None:
+    text = part.get("text") or part.get("refusal")
+    return {"type": "text", "text": text} if text else None  # Claude rejects empty text blocks
+
+
+def _claude_image(part: Mapping[str, Any]) -> dict[str, Any]:
+    image = part.get("image_url")
+    url = str(image.get("url", "")) if isinstance(image, Mapping) else str(image or "")
+    # "Vision": Claude fetches http(s) images itself (source type "url"), so the gateway does not inline them.
+    return {"type": "image", "source": _claude_source(url) or {"type": "url", "url": url}}
+
+
+def _claude_document(part: Mapping[str, Any]) -> dict[str, Any]:
+    source = _claude_source(str((part.get("file") or {}).get("file_data") or ""))
+    if source is None:
+        raise UpstreamError(400, "Claude takes files only as base64 data URIs in file.file_data", retryable=True)
+    return {"type": "document", "source": source}
+
+
+_CLAUDE_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any] | None]]] = MappingProxyType(
+    {"text": _claude_text, "refusal": _claude_text, "image_url": _claude_image, "file": _claude_document}
+)
+
+
+def to_claude_content(content: Any) -> list[dict[str, Any]]:
+    """OpenAI message content (a string or a list of parts) as Claude content blocks."""
+    if not content:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for part in content:
+        part = {"type": "text", "text": part} if isinstance(part, str) else part
+        convert = _CLAUDE_PARTS.get(part.get("type"))
+        if convert is None:  # retryable: a channel of another engine may accept it
+            raise UpstreamError(400, f"Claude does not accept '{part.get('type')}' content", retryable=True)
+        block = convert(part)
+        if block and "cache_control" in part:
+            block["cache_control"] = part["cache_control"]
+        if block:
+            blocks.append(block)
+    return blocks
+
+
+def _claude_tool_input(arguments: Any) -> dict[str, Any]:
+    if isinstance(arguments, Mapping):
+        return dict(arguments)
+    try:
+        value = loads(arguments) if arguments else {}
+    except (JSONDecodeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise UpstreamError(400, "tool_calls[].function.arguments must be a JSON object for Claude")
+    return value
+
+
+def _claude_assistant(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Text, then one tool_use block per tool call, ids kept."""
+    blocks = to_claude_content(message.get("content"))
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                       "input": _claude_tool_input(function.get("arguments"))})
+    return blocks
+
+
+def _claude_tool_result(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
+    content = to_claude_content(message.get("content"))
+    if content:
+        result["content"] = content
+    return [result]
+
+
+def _claude_user(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return to_claude_content(message.get("content"))
+
+
+# OpenAI role -> (Claude role, converter); any other non-system role is a user turn.
+_CLAUDE_TURNS: Final = MappingProxyType(
+    {"assistant": ("assistant", _claude_assistant), "tool": ("user", _claude_tool_result)}
+)
+
+
+def to_claude_messages(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system blocks, turns): every system message in order; neighbours of one role merged, user first."""
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if message.get("role") in ("system", "developer"):
+            system += to_claude_content(message.get("content"))
+            continue
+        role, convert = _CLAUDE_TURNS.get(message.get("role"), ("user", _claude_user))
+        blocks = convert(message)
+        if blocks and turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        elif blocks:
+            turns.append({"role": role, "content": blocks})
+    for turn in turns:  # "Handle tool calls": tool_result blocks must come first in their user message
+        turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+    if turns and turns[0]["role"] != "user":
+        turns.insert(0, {"role": "user", "content": [{"type": "text", "text": _CLAUDE_OPENING_TURN}]})
+    return system, turns
+
+
+def _claude_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if tool.get("type", "function") != "function":
+        return dict(tool)  # Anthropic's own tool types (web_search_..., bash_...) pass through as given
+    function = tool.get("function") or {}
+    converted = {"name": function.get("name"),
+                 "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
+    if function.get("description"):
+        converted["description"] = function["description"]
+    return converted
+
+
+def _claude_tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    """"Tool use": auto / none / any / {"type": "tool", "name"}; parallel_tool_calls=false disables parallel use."""
+    if isinstance(choice, Mapping):
+        name = (choice.get("function") or {}).get("name")
+        result = {"type": "tool", "name": name} if name else None
+    else:
+        result = {"type": _CLAUDE_TOOL_CHOICES[choice]} if choice in _CLAUDE_TOOL_CHOICES else None
+    if parallel is False and (result or {}).get("type") != "none":
+        result = {**(result or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return result
+
+
+def _claude_json_instruction(response_format: Any) -> list[dict[str, Any]]:
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "json_object":
+        return [{"type": "text", "text": _CLAUDE_JSON_INSTRUCTION}]
+    if kind == "json_schema":
+        schema = dumps((response_format.get("json_schema") or {}).get("schema") or {}).decode()
+        return [{"type": "text", "text": f"{_CLAUDE_JSON_INSTRUCTION} It must match this JSON schema: {schema}"}]
+    return []
+
+
+def _add_claude_thinking(request: dict[str, Any], body: Mapping[str, Any]) -> None:
+    """A `thinking` field passes through (an enabled one without budget gets one); reasoning_effort
+    low/medium/high becomes a thinking budget; minimal or none leaves thinking off."""
+    thinking = body.get("thinking")
+    budget = _CLAUDE_THINKING_BUDGETS.get(body.get("reasoning_effort"))
+    if isinstance(thinking, Mapping):
+        enabled = thinking.get("type") == "enabled"
+        thinking = {"budget_tokens": budget or _CLAUDE_THINKING_BUDGETS["medium"], **thinking} if enabled else thinking
+    elif budget:
+        thinking = {"type": "enabled", "budget_tokens": budget}
+    else:
+        return
+    request["thinking"] = dict(thinking)
+    if thinking.get("type") == "enabled":
+        # "Extended thinking": budget_tokens must stay below max_tokens; temperature and top_k must be unset.
+        if request["max_tokens"] <= thinking["budget_tokens"]:
+            request["max_tokens"] += thinking["budget_tokens"]
+        request.pop("temperature", None)
+        request.pop("top_k", None)
+
+
+def to_claude_request(body: Mapping[str, Any], tools: bool = True) -> dict[str, Any]:
+    """An OpenAI chat request as a Messages API body, without the model (variants put their envelope on)."""
+    system, messages = to_claude_messages(body.get("messages") or ())
+    system += _claude_json_instruction(body.get("response_format"))
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or CLAUDE_DEFAULT_MAX_TOKENS
+    request: dict[str, Any] = {"messages": messages, "max_tokens": int(max_tokens)}
+    if system:
+        request["system"] = system
+    request.update({name: body[name] for name in ("temperature", "top_p", "top_k") if body.get(name) is not None})
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("user"):
+        request["metadata"] = {"user_id": str(body["user"])}
+    if tools and body.get("tools"):
+        request["tools"] = [_claude_tool(tool) for tool in body["tools"]]
+        choice = _claude_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice:
+            request["tool_choice"] = choice
+    _add_claude_thinking(request, body)
+    if body.get("stream"):
+        request["stream"] = True
+    return request
+
+
+def _claude_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """prompt_tokens counts fresh, cache-written and cache-read input; cache reads are the cached tokens."""
+    prompt = sum(int(usage.get(name) or 0)
+                 for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
+    return build_usage(prompt, int(usage.get("output_tokens") or 0), cached=usage.get("cache_read_input_tokens"))
+
+
+def _claude_error(native: Any) -> UpstreamError:
+    error = native.get("error") if isinstance(native, Mapping) else None
+    error = error if isinstance(error, Mapping) else {}
+    kind = str(error.get("type") or "error")
+    return UpstreamError(_CLAUDE_ERROR_STATUS.get(kind, 502), f"{kind}: {error.get('message') or 'no message'}")
+
+
+def _claude_tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
+    arguments = dumps(block.get("input") or {}).decode()
+    return {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}}
+
+
+@dataclass
+class _ClaudeStream:
+    """One Claude stream being converted: chunk id, tool-call numbering, usage so far and the stop reason."""
+
+    model: str
+    chunk_id: str = field(default_factory=new_id)
+    created: int = 0
+    tools: dict[int, int] = field(default_factory=dict)  # Anthropic content index -> OpenAI tool_calls index
+    usage: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str | None = None
+    started: bool = False
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
+            delta, self.started = {"role": "assistant", **delta}, True
+        return build_chunk(self.chunk_id, self.model, self.created, delta, finish_reason)
+
+    def on_message_start(self, event: Mapping[str, Any]) -> None:
+        self.usage.update((event.get("message") or {}).get("usage") or {})
+
+    def on_message_delta(self, event: Mapping[str, Any]) -> None:
+        # "Streaming Messages": message_delta usage counts are cumulative, so they replace earlier ones.
+        self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+        self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+
+    def on_block_start(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        block = event.get("content_block") or {}
+        if block.get("type") == "tool_use":
+            index = self.tools[event.get("index", -1)] = len(self.tools)
+            call = {**_claude_tool_call(block), "index": index}
+            if not block.get("input"):
+                call["function"]["arguments"] = ""  # the input follows as input_json_delta
+            return {"tool_calls": [call]}
+        text = block.get("text") or block.get("thinking")
+        return {"reasoning_content" if block.get("type") == "thinking" else "content": text} if text else None
+
+    def on_block_delta(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        delta = event.get("delta") or {}
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            return {"content": delta["text"]}
+        if kind == "thinking_delta" and delta.get("thinking"):
+            return {"reasoning_content": delta["thinking"]}
+        index = self.tools.get(event.get("index", -1))
+        if kind == "input_json_delta" and delta.get("partial_json") and index is not None:
+            return {"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]}
+        return None  # signature_delta, citations_delta: OpenAI chunks have no field for them
+
+    def on_error(self, event: Mapping[str, Any]) -> None:
+        raise _claude_error(event)
+
+
+# "Streaming Messages" event types; ping, content_block_stop and unknown events carry nothing to convert.
+_CLAUDE_STREAM_HANDLERS: Final[Mapping[str, Callable[[_ClaudeStream, Mapping[str, Any]], dict[str, Any] | None]]] = (
+    MappingProxyType({
+        "message_start": _ClaudeStream.on_message_start,
+        "message_delta": _ClaudeStream.on_message_delta,
+        "content_block_start": _ClaudeStream.on_block_start,
+        "content_block_delta": _ClaudeStream.on_block_delta,
+        "error": _ClaudeStream.on_error,
+    })
+)
+
+
+def _claude_root(base_url: str) -> str:
+    """The `.../v1` of a base_url given as `.../v1/messages` (or, leniently, as `.../v1` or the bare host)."""
+    root = base_url.rstrip("/").removesuffix("/messages")
+    return root if root.endswith("/v1") else root + "/v1"
+
+
+class ClaudeAdapter(Adapter):
+    """Anthropic Messages API; vertex-claude and aws inherit the conversion and change the envelope only."""
+
+    engine = "claude"
+    auth = "x-api-key"
+    endpoints = frozenset({"chat"})
+    default_base_url = "https://api.anthropic.com/v1/messages"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        root = _claude_root(target.provider.base_url)
+        return root + "/models?limit=1000" if endpoint == "models" else root + "/messages"  # "List Models" pages
+
+    def headers(self, target: Target) -> dict[str, str]:
+        headers = {"x-api-key": target.api_key, "anthropic-version": ANTHROPIC_VERSION}
+        headers.update(target.provider.headers)
+        return headers
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        return self.apply_overrides(self.envelope(to_claude_request(body, target.provider.tools), target), target)
+
+    def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
+        return {"model": target.upstream_model, **request}
+
+    def parse_response(self, native: Any, model: str, *, created: int | None = None) -> dict[str, Any]:
+        if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
+            raise _claude_error(native)
+        if not isinstance(native, dict) or not isinstance(native.get("content"), list):
+            raise UpstreamError(502, "upstream answered without content")
+        blocks = [block for block in native["content"] if isinstance(block, dict)]
+        text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
+        reasoning = "".join(block.get("thinking", "") for block in blocks if block.get("type") == "thinking")
+        calls = [_claude_tool_call(block) for block in blocks if block.get("type") == "tool_use"]
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = calls
+        finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")
+        usage = _claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
+        return build_completion(model, created or 0, message, finish, usage)
+
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        state = _ClaudeStream(model, created=created or 0)
+        async for event in events:
+            data = _load_event(event)
+            if data.get("type") == "message_stop":
+                break
+            handler = _CLAUDE_STREAM_HANDLERS.get(data.get("type"))
+            delta = handler(state, data) if handler else None
+            if delta:
+                yield state.chunk(delta)
+        else:
+            if state.stop_reason is None:
+                raise UpstreamError(502, "upstream stream ended before message_stop")
+        yield state.chunk({}, _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop"))
+        if include_usage:
+            yield build_usage_chunk(state.chunk_id, model, state.created, _claude_usage(state.usage))
+
+
+class VertexClaudeAdapter(ClaudeAdapter):
+    """Claude on Vertex AI ("Use Claude models"): rawPredict / streamRawPredict, anthropic_version in the body."""
+
+    engine = "vertex-claude"
+    auth = "google-oauth"
+    default_base_url = "https://aiplatform.googleapis.com"
+    ANTHROPIC_VERSION: ClassVar[str] = "vertex-2023-10-16"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        extra = target.provider.extra
+        region = extra.get("region") or "global"
+        root = target.provider.base_url.rstrip("/")
+        if root == self.default_base_url and region != "global":
+            root = f"https://{region}-aiplatform.googleapis.com"
+        method = "streamRawPredict" if body.get("stream") else "rawPredict"
+        return (f"{root}/v1/projects/{extra.get('project_id', '')}/locations/{region}"
+                f"/publishers/anthropic/models/{target.upstream_model}:{method}")
+
+    def headers(self, target: Target) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+        headers.update(target.provider.headers)
+        return headers
+
+    def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
+        return {"anthropic_version": self.ANTHROPIC_VERSION, **request}  # the model is in the URL
+
+    def build_models_request(self, provider: Provider, api_key: str) -> UpstreamRequest:
+        # Vertex's publisher-model listing names no callable versions (`claude-...@date`) and needs the OAuth
+        # token, which discovery does not have: list the models under `model:` instead.
+        raise UpstreamError(501, "vertex-claude cannot list its models; name them under `model:`")
+
+
+# Anthropic section, continued. AWS: Signature Version 4, event-stream framing, Bedrock.
+
+
+def sign_aws_v4(method: str, url: str, headers: Mapping[str, str], body: bytes, *, access_key: str,
+                secret_key: str, region: str, service: str, now: float) -> dict[str, str]:
+    """`headers` plus X-Amz-Date and Authorization, every one of them signed (AWS Signature Version 4,
+    IAM User Guide "Create a signed AWS API request"). The URL's path must be exactly the one sent."""
+    parts = urlsplit(url)
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    signed = {name.lower(): " ".join(str(value).split()) for name, value in headers.items()}
+    signed.update({"host": parts.netloc, "x-amz-date": amz_date})
+    names = ";".join(sorted(signed))
+    pairs = sorted((quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in parse_qsl(parts.query, True))
+    canonical = "\n".join((
+        method, quote(parts.path or "/", safe="/~"),  # non-S3 services: the sent path, URI-encoded once more
+        "&".join(f"{k}={v}" for k, v in pairs), "".join(f"{n}:{signed[n]}\n" for n in sorted(signed)), names,
+        hashlib.sha256(body).hexdigest(),
+    ))
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    string_to_sign = f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+    key = ("AWS4" + secret_key).encode()
+    for part in (amz_date[:8], region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    authorization = f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={names}, Signature={signature}"
+    return {**headers, "X-Amz-Date": amz_date, "Authorization": authorization}
+
+
+# "Event stream encoding" header value types with a fixed size (6 byte array and 7 string carry a 2-byte length).
+_AWS_FIXED_SIZES: Final = MappingProxyType({0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16})
+AWS_MAX_MESSAGE: Final = 16 * 1024 * 1024
+
+
+def _aws_headers(raw: bytes) -> dict[str, Any]:
+    """Headers of one event-stream message: name length, name, value type, value."""
+    headers: dict[str, Any] = {}
+    pos = 0
+    while pos < len(raw):
+        end = pos + 1 + raw[pos]
+        name, kind, pos = raw[pos + 1:end].decode(), raw[end], end + 1
+        size = struct.unpack_from(">H", raw, pos)[0] if kind in (6, 7) else _AWS_FIXED_SIZES[kind]
+        pos += 2 if kind in (6, 7) else 0
+        value: Any = raw[pos:pos + size]
+        pos += size
+        if pos > len(raw):
+            raise ValueError("header value runs past the headers")
+        if kind == 7:
+            value = value.decode()
+        elif kind < 2:
+            value = kind == 0
+        elif kind not in (6, 9):
+            value = int.from_bytes(value, "big", signed=True)
+        headers[name] = value
+    return headers
+
+
+async def iter_aws_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+    """(headers, payload) of each AWS event-stream message, both CRC32s checked ("Event stream encoding": total
+    length, headers length, prelude CRC, headers, payload, message CRC; all big-endian)."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= 12:
+            total, headers_length, prelude_crc = struct.unpack_from(">III", buffer)
+            if zlib.crc32(buffer[:8]) != prelude_crc or not 16 + headers_length <= total <= AWS_MAX_MESSAGE:
+                raise UpstreamError(502, "upstream sent a corrupt event-stream prelude")
+            if len(buffer) < total:
+                break
+            message = bytes(buffer[:total])
+            del buffer[:total]
+            if zlib.crc32(message[:-4]) != struct.unpack_from(">I", message, total - 4)[0]:
+                raise UpstreamError(502, "upstream sent an event-stream message with a bad CRC")
+            try:
+                headers = _aws_headers(message[12:12 + headers_length])
+            except (IndexError, KeyError, ValueError, struct.error):
+                raise UpstreamError(502, "upstream sent malformed event-stream headers") from None
+            yield headers, message[12 + headers_length:-4]
+    if buffer:
+        raise UpstreamError(502, "upstream event stream ended inside a message")
+
+
+# Bedrock "ResponseStream": exception events and their documented HTTP status codes.
+_BEDROCK_STREAM_ERRORS: Final = MappingProxyType({
+    "internalServerException": 500, "modelStreamErrorException": 424, "modelTimeoutException": 408,
+    "serviceUnavailableException": 503, "throttlingException": 429, "validationException": 400,
+})
+
+
+def _bedrock_stream_error(headers: Mapping[str, Any], payload: bytes) -> UpstreamError:
+    name = str(headers.get(":exception-type") or headers.get(":error-code") or "error")
+    try:
+        message = _first_text(loads(payload)) if payload else None
+    except (JSONDecodeError, ValueError):
+        message = None
+    message = message or headers.get(":error-message") or payload[:300].decode("utf-8", "replace")
+    return UpstreamError(_BEDROCK_STREAM_ERRORS.get(name, 502), f"{name}: {message}")
+
+
+async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+    """Bedrock InvokeModelWithResponseStream as events: each `chunk` message carries {"bytes": base64 of one
+    Anthropic stream event}; exception messages raise UpstreamError with the documented status."""
+    async for headers, payload in iter_aws_frames(chunks):
+        kind = headers.get(":message-type")
+        if kind == "event" and headers.get(":event-type") == "chunk":
+            try:
+                data = base64.b64decode(loads(payload)["bytes"], validate=True).decode()
+            except (JSONDecodeError, ValueError, KeyError, TypeError):
+                raise UpstreamError(502, "upstream sent a chunk without base64 bytes") from None
+            yield SSEEvent("chunk", data)
+        elif kind in ("exception", "error"):
+            raise _bedrock_stream_error(headers, payload)
+
+
+class BedrockAdapter(ClaudeAdapter):
+    """Claude on Amazon Bedrock: InvokeModel / InvokeModelWithResponseStream, SigV4-signed with the provider's
+    aws_access_key / aws_secret_key; streams arrive in AWS event-stream framing (`iter_aws_events`)."""
+
+    engine = "aws"
+    auth = "sigv4"
+    stream_format = "aws"
+    default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
+    ANTHROPIC_VERSION: ClassVar[str] = "bedrock-2023-05-31"
+
+    def build_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
+        extra = target.provider.extra
+        if not (extra.get("aws_access_key") and extra.get("aws_secret_key")):
+            raise UpstreamError(401, "provider has no aws_access_key and aws_secret_key")
+        url, data = self.url("chat", body, target), dumps(self.payload(body, target))
+        headers = sign_aws_v4("POST", url, {"Content-Type": "application/json"}, data,
+                              access_key=extra["aws_access_key"], secret_key=extra["aws_secret_key"],
+                              region=self.region(target.provider), service="bedrock", now=target.now)
+        headers.update(target.provider.headers)  # added unsigned, after signing
+        return UpstreamRequest("POST", url, headers, data=data, stream=bool(body.get("stream")))
+
+    def region(self, provider: Provider) -> str:
+        """The region of an explicit `bedrock-runtime.<region>.amazonaws.com` base_url, else `region:`."""
+        base = provider.base_url.rstrip("/")
+        labels = (urlsplit(base).hostname or "").split(".")
+        named = labels[1] if base != self.default_base_url and len(labels) > 3 and "bedrock" in labels[0] else ""
+        return named or provider.extra.get("region") or "us-east-1"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        root = target.provider.base_url.rstrip("/")
+        if root == self.default_base_url:
+            root = f"https://bedrock-runtime.{self.region(target.provider)}.amazonaws.com"
+        action = "invoke-with-response-stream" if body.get("stream") else "invoke"
+        # ':' stays literal (aiohttp sends it so anyway) and '/' of ARNs is escaped: the signed path is the sent one.
+        return f"{root}/model/{quote(target.upstream_model, safe=':')}/{action}"
+
+    def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
+        request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
+        return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
+
+    def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+        return iter_aws_events(chunks)
+
+    def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
+        # Bedrock errors are {"message": ...}, some (AccessDenied) spelled {"Message": ...}.
+        return super().parse_error(status, body.replace(b'"Message":', b'"message":', 1), retry_after)
+
+    def build_models_request(self, provider: Provider, api_key: str) -> UpstreamRequest:
+        # ListFoundationModels lives on another host (bedrock.<region>) and needs a SigV4 clock that discovery
+        # does not pass: list the models under `model:` instead.
+        raise UpstreamError(501, "aws cannot list its models; name them under `model:`")
+
+
+_CLAUDE_ADAPTERS: Final[tuple[Adapter, ...]] = (ClaudeAdapter(), VertexClaudeAdapter(), BedrockAdapter())
 
 # --- Google: gemini, vertex-gemini, Vertex OAuth assertion ---
 
-_GOOGLE_ADAPTERS: Final[tuple[Adapter, ...]] = ()
+
+GOOGLE_TOKEN_URI: Final = "https://oauth2.googleapis.com/token"
+GOOGLE_SCOPE: Final = "https://www.googleapis.com/auth/cloud-platform"
+VERTEX_DEFAULT_REGION: Final = "global"
+
+# Gemini API reference, "Schema": `parameters` and `responseSchema` take "a select subset of an OpenAPI 3.0 schema
+# object" and answer 400 "Unknown name" for other keys ($schema, additionalProperties, $ref, const, oneOf, strict...).
+# We send `parameters`, not `parametersJsonSchema` (full JSON Schema, newer revisions only), as every API version and
+# model takes it: keep the keys below, inline local $refs, and respell JSON Schema's forms (null in type lists or
+# anyOf -> nullable, const -> enum, oneOf -> anyOf). title/default/example are dropped too (newer revisions only).
+_GEMINI_SCHEMA_KEYS: Final = frozenset({
+    "type", "format", "description", "nullable", "enum", "items", "maxItems", "minItems", "properties", "required",
+    "minProperties", "maxProperties", "minLength", "maxLength", "pattern", "anyOf", "propertyOrdering", "minimum",
+    "maximum"})
+_GEMINI_SCHEMA_FORMATS: Final = frozenset({"float", "double", "int32", "int64", "enum", "date-time"})  # the rest: 400
+# "GenerationConfig" fields from OpenAI's (max_completion_tokens wins over max_tokens: it comes later).
+_GEMINI_GENERATION_FIELDS: Final[Mapping[str, str]] = MappingProxyType({
+    "temperature": "temperature", "top_p": "topP", "top_k": "topK", "n": "candidateCount", "seed": "seed",
+    "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty",
+    "max_tokens": "maxOutputTokens", "max_completion_tokens": "maxOutputTokens"})
+# Gemini docs, "OpenAI compatibility": low/medium/high are 1K/8K/24K thinking tokens and none is 0 (off); minimal
+# (OpenAI's newer level) sits between none and low.
+_GEMINI_THINKING_BUDGETS: Final[Mapping[str, int]] = MappingProxyType(
+    {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576})
+_GEMINI_TOOL_MODES: Final[Mapping[str, str]] = MappingProxyType({"auto": "AUTO", "none": "NONE", "required": "ANY"})
+# "Candidate.FinishReason"; others (OTHER, LANGUAGE, MALFORMED_FUNCTION_CALL...) read as stop.
+_GEMINI_FINISH_REASONS: Final[Mapping[str, str]] = MappingProxyType({
+    "STOP": "stop", "MAX_TOKENS": "length", **dict.fromkeys(
+        ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"), "content_filter")})
+# Gemini docs, "Thought signatures" (FAQ): Gemini 3 refuses a replayed function call without the signature its answer
+# carried; history rebuilt from OpenAI messages has none, and this documented value skips the check.
+_GEMINI_SKIP_SIGNATURE: Final = "skip_thought_signature_validator"
+_GEMINI_SERVED_METHODS: Final = frozenset({"generateContent", "embedContent", "batchEmbedContents", "predict"})
+
+
+def _gemini_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields that carry something: Gemini refuses empty parts, contents and tool lists."""
+    return {key: value for key, value in fields.items() if value not in (None, "", [], {})}
+
+
+def to_gemini_schema(schema: Any, defs: Mapping[str, Any] | None = None, depth: int = 0) -> dict[str, Any]:
+    """A JSON Schema cut down to the OpenAPI subset Gemini accepts (see _GEMINI_SCHEMA_KEYS)."""
+    if not isinstance(schema, Mapping) or depth > 32:
+        return {}
+    defs = {**(defs or {}), **_gemini_map(schema.get("$defs")), **_gemini_map(schema.get("definitions"))}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.rsplit("/", 1)[-1] in defs:
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        return to_gemini_schema({**_gemini_map(defs[ref.rsplit("/", 1)[-1]]), **rest}, defs, depth + 1)
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        key = "anyOf" if key == "oneOf" and "anyOf" not in schema else key
+        key, value = ("enum", [value]) if key == "const" and "enum" not in schema else (key, value)
+        converted = _gemini_schema_value(key, value, defs, depth) if key in _GEMINI_SCHEMA_KEYS else None
+        if converted is not None:
+            out[key] = converted
+    types = out.get("type")
+    if isinstance(types, list):  # the subset has one type per schema, and null as `nullable`
+        out.update(type=next((t for t in types if t != "null"), "null"),
+                   nullable="null" in types or out.get("nullable"))
+    options = out.pop("anyOf", None) or []
+    kept = [o for o in options if o.get("type") != "null"]
+    if len(kept) < len(options):
+        out["nullable"] = True
+    return _gemini_fields({**kept[0], **out} if len(kept) == 1 and len(options) > 1 else {**out, "anyOf": kept})
+
+
+def _gemini_map(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _gemini_schema_value(key: str, value: Any, defs: Mapping[str, Any], depth: int) -> Any:
+    """A kept key's value with nested schemas converted; None when Gemini would refuse its shape."""
+    if key in ("properties", "items", "anyOf"):
+        if isinstance(value, Mapping) and key == "properties":
+            return {str(n): to_gemini_schema(s, defs, depth + 1) for n, s in value.items()}
+        if isinstance(value, list) and key == "anyOf":
+            return [to_gemini_schema(s, defs, depth + 1) for s in value]
+        return to_gemini_schema(value, defs, depth + 1) if isinstance(value, Mapping) and key == "items" else None
+    if key in ("enum", "required", "propertyOrdering"):  # string lists only ("Schema.enum" too)
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    return value if key != "format" or (isinstance(value, str) and value in _GEMINI_SCHEMA_FORMATS) else None
+
+
+def _gemini_object(text: Any) -> dict[str, Any]:
+    """Function args and results as the JSON object Gemini requires; other JSON or plain text under "content"."""
+    if isinstance(text, Mapping) or text is None or text == "":
+        return dict(text or {})
+    try:
+        value = loads(text) if isinstance(text, (str, bytes)) else text
+    except (JSONDecodeError, ValueError):
+        value = text
+    return value if isinstance(value, dict) else {"content": value}
+
+
+def _gemini_media(url: Any, fallback_type: str = "image/jpeg") -> dict[str, Any] | None:
+    if not isinstance(url, str) or not url:
+        return None
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        return {"inlineData": {"mimeType": header[5:].split(";")[0] or fallback_type, "data": data}}
+    # http(s) images were inlined by the gateway (inline_images); gs:// and File API URIs are Gemini's own.
+    return {"fileData": {"mimeType": mimetypes.guess_type(url)[0] or fallback_type, "fileUri": url}}
+
+
+def _gemini_audio(audio: Mapping[str, Any]) -> dict[str, Any] | None:
+    data = audio.get("data")
+    return {"inlineData": {"mimeType": f"audio/{audio.get('format', 'wav')}", "data": data}} if data else None
+
+
+# OpenAI content part type -> Gemini part ("Part": text, inlineData, fileData).
+_GEMINI_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any] | None]]] = MappingProxyType({
+    "text": lambda part: {"text": part["text"]} if part.get("text") else None,
+    "image_url": lambda part: _gemini_media(_gemini_map(part.get("image_url")).get("url", part.get("image_url"))),
+    "input_audio": lambda part: _gemini_audio(_gemini_map(part.get("input_audio"))),
+    "file": lambda part: _gemini_media(_gemini_map(part.get("file")).get("file_data"), "application/pdf"),
+})
+
+
+def to_gemini_parts(content: Any) -> list[dict[str, Any]]:
+    """OpenAI message content (a string or typed parts) as Gemini parts; empty text is dropped (Gemini refuses it)."""
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts = content if isinstance(content, list) else ()
+    builds = [_GEMINI_PARTS.get(p.get("type"), lambda p: None)(p) for p in parts if isinstance(p, Mapping)]
+    return [part for part in builds if part]
+
+
+def _gemini_model_turn(message: Mapping[str, Any], names: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+    """An assistant message: its text, then one functionCall part per tool call (several for parallel calls)."""
+    calls = [*(message.get("tool_calls") or ()), *([{"function": message["function_call"]}]
+                                                   if isinstance(message.get("function_call"), Mapping) else [])]
+    parts = to_gemini_parts(message.get("content"))
+    for i, call in enumerate(_gemini_map(c) for c in calls):
+        function = _gemini_map(call.get("function"))
+        names[call.get("id") or ""] = function.get("name") or ""
+        part = {"functionCall": {"name": function.get("name") or "", "args": _gemini_object(function.get("arguments"))}}
+        parts.append({**part, "thoughtSignature": _GEMINI_SKIP_SIGNATURE} if i == 0 else part)
+    return "model", parts
+
+
+def _gemini_tool_turn(message: Mapping[str, Any], names: dict[str, str]) -> tuple[str, list[dict[str, Any]]]:
+    """A tool result as a functionResponse naming the function of its tool_call_id (the original lost it)."""
+    name = names.get(message.get("tool_call_id") or "") or message.get("name") or ""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+    return "user", [{"functionResponse": {"name": name, "response": _gemini_object(content)}}]
+
+
+_GEMINI_TURNS: Final = MappingProxyType({"assistant": _gemini_model_turn, "tool": _gemini_tool_turn,
+                                         "function": _gemini_tool_turn})
+
+
+def to_gemini_contents(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(systemInstruction parts, contents): system turns apart, roles user/model, consecutive same roles merged."""
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool_call_id -> function name, from the assistant turns seen so far
+    for message in (m for m in messages if isinstance(m, Mapping)):
+        if message.get("role") in ("system", "developer"):
+            system += to_gemini_parts(message.get("content"))
+            continue
+        turn = _GEMINI_TURNS.get(message.get("role"))
+        role, parts = turn(message, names) if turn else ("user", to_gemini_parts(message.get("content")))
+        if parts and contents and contents[-1]["role"] == role:
+            contents[-1]["parts"] += parts
+        elif parts:
+            contents.append({"role": role, "parts": parts})
+    return system, contents
+
+
+def _gemini_declaration(function: Mapping[str, Any]) -> dict[str, Any]:
+    parameters = to_gemini_schema(function.get("parameters"))
+    return _gemini_fields({"name": function.get("name", ""), "description": function.get("description"),
+                           "parameters": parameters if parameters.get("properties") else None})  # empty OBJECT: 400
+
+
+def _gemini_tools(body: Mapping[str, Any], target: Target) -> list[dict[str, Any]]:
+    """Function declarations (Gemini docs, "Function calling"), plus Grounding with Google Search for an alias
+    ending in -search: `googleSearchRetrieval` on Gemini 1.x, `googleSearch` from 2.0 on."""
+    functions = [t["function"] for t in body.get("tools") or () if isinstance(t, Mapping)
+                 and t.get("type") == "function" and isinstance(t.get("function"), Mapping)]
+    functions += [f for f in body.get("functions") or () if isinstance(f, Mapping)]
+    tools = [{"functionDeclarations": [_gemini_declaration(f) for f in functions]}] if functions and (
+        target.provider.tools) else []
+    if str(body.get("model", "")).endswith("-search"):  # the client's alias, e.g. gemini-2.0-flash-search
+        legacy = target.upstream_model.removeprefix("models/").startswith(("gemini-1.", "gemini-pro"))
+        tools.append({"googleSearchRetrieval": {}} if legacy else {"googleSearch": {}})
+    return tools
+
+
+def _gemini_tool_config(choice: Any) -> dict[str, Any] | None:
+    """"FunctionCallingConfig": auto/none/required as AUTO/NONE/ANY, a named function as ANY limited to it."""
+    if isinstance(choice, str):
+        return {"functionCallingConfig": {"mode": _GEMINI_TOOL_MODES[choice]}} if choice in _GEMINI_TOOL_MODES else None
+    name = _gemini_map(_gemini_map(choice).get("function") or choice).get("name")
+    return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}} if name else None
+
+
+def _gemini_generation_config(body: Mapping[str, Any]) -> dict[str, Any]:
+    config = {field: body[name] for name, field in _GEMINI_GENERATION_FIELDS.items() if body.get(name) is not None}
+    stop, response_format = body.get("stop"), _gemini_map(body.get("response_format"))
+    if stop:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if response_format.get("type") in ("json_object", "json_schema"):
+        schema = to_gemini_schema(_gemini_map(response_format.get("json_schema")).get("schema"))
+        config.update(_gemini_fields({"responseMimeType": "application/json", "responseSchema": schema}))
+    budget = _GEMINI_THINKING_BUDGETS.get(body.get("reasoning_effort") or "")
+    if budget is not None:
+        config["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": budget > 0}
+    return config
+
+
+def _from_gemini_candidate(candidate: Mapping[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:
+    """(text, thoughts, tool calls) of a candidate's parts; thought parts carry `thought: true`."""
+    text: list[str] = []
+    thoughts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for part in map(_gemini_map, _gemini_map(candidate.get("content")).get("parts") or ()):
+        call = part.get("functionCall")
+        if isinstance(call, Mapping):
+            function = {"name": call.get("name", ""), "arguments": dumps(call.get("args") or {}).decode()}
+            calls.append({"id": new_id("call_"), "type": "function", "function": function})
+        elif isinstance(part.get("text"), str):
+            (thoughts if part.get("thought") else text).append(part["text"])
+    return "".join(text), "".join(thoughts), calls
+
+
+def _gemini_finish(reason: Any, has_calls: bool) -> str:
+    mapped = _GEMINI_FINISH_REASONS.get(reason or "STOP", "stop")
+    return "tool_calls" if has_calls and mapped == "stop" else mapped
+
+
+def _gemini_usage(metadata: Any) -> dict[str, Any] | None:
+    """usageMetadata as CompletionUsage; thinking tokens are completion tokens, as OpenAI counts reasoning."""
+    if not isinstance(metadata, Mapping):
+        return None
+    thoughts = metadata.get("thoughtsTokenCount")
+    prompt = (metadata.get("promptTokenCount") or 0) + (metadata.get("toolUsePromptTokenCount") or 0)
+    completion = (metadata.get("candidatesTokenCount") or 0) + (thoughts or 0)
+    return build_usage(prompt, completion, cached=metadata.get("cachedContentTokenCount"), reasoning=thoughts)
+
+
+def _gemini_created(native: Mapping[str, Any]) -> int:
+    """Vertex stamps answers (`createTime`, RFC 3339); the Gemini API does not, and adapters never read the clock."""
+    try:
+        moment = datetime.datetime.fromisoformat(str(native.get("createTime"))[:19])
+    except ValueError:
+        return 0
+    return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
+
+
+def _gemini_chunk(chunk_id: str, model: str, created: int, index: int, delta: dict[str, Any],
+                  finish: str | None = None) -> dict[str, Any]:
+    chunk = build_chunk(chunk_id, model, created, delta, finish)
+    chunk["choices"][0]["index"] = index  # candidateCount (n) > 1 streams several candidates
+    return chunk
+
+
+def _google_error(body: bytes) -> Mapping[str, Any]:
+    """The `error` object of Google's error shape (a JSON array of it when a stream lacked alt=sse)."""
+    try:
+        native = loads(body) if body else None
+    except (JSONDecodeError, ValueError):
+        return {}
+    return _gemini_map(_gemini_map(native[0] if isinstance(native, list) and native else native).get("error"))
+
+
+class GeminiAdapter(Adapter):
+    """Gemini API (ai.google.dev/api): generateContent, streamGenerateContent?alt=sse, batchEmbedContents."""
+
+    engine = "gemini"
+    auth = "x-goog-api-key"
+    endpoints = frozenset({"chat", "embeddings"})
+    default_base_url = "https://generativelanguage.googleapis.com/v1beta"
+    inline_images = True  # Gemini fetches no URLs but its own (File API, gs://)
+    methods: ClassVar[Mapping[str, str]] = MappingProxyType({"chat": "generateContent",
+                                                             "embeddings": "batchEmbedContents"})
+    models_key: ClassVar[str] = "models"
+
+    def method(self, endpoint: Endpoint, body: Mapping[str, Any]) -> str:
+        stream = endpoint == "chat" and body.get("stream")
+        return "streamGenerateContent?alt=sse" if stream else self.methods[endpoint]
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        base = target.provider.base_url.rstrip("/")
+        if endpoint == "models":
+            return f"{base}/models?pageSize=1000"  # "models.list": at most 1000 per page
+        return f"{base}/models/{target.upstream_model}:{self.method(endpoint, body)}"
+
+    def headers(self, target: Target) -> dict[str, str]:
+        return {"x-goog-api-key": target.api_key, **target.provider.headers}  # never ?key=: URLs land in logs
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        """GenerateContentRequest (Gemini API reference, "models.generateContent")."""
+        system, contents = to_gemini_contents(body.get("messages") or ())
+        tools = _gemini_tools(body, target)
+        declared = any("functionDeclarations" in tool for tool in tools)
+        return self.apply_overrides({"contents": contents, **_gemini_fields({
+            "systemInstruction": _gemini_fields({"parts": system}), "tools": tools,
+            "toolConfig": _gemini_tool_config(body.get("tool_choice", body.get("function_call"))) if declared else None,
+            "generationConfig": _gemini_generation_config(body),
+            "safetySettings": body.get("safety_settings") or body.get("safetySettings"),
+        })}, target)
+
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
+        if not isinstance(native, dict):
+            raise UpstreamError(502, "upstream answered with something other than a GenerateContentResponse")
+        choices = []
+        for position, candidate in enumerate(map(_gemini_map, native.get("candidates") or ())):
+            text, thoughts, calls = _from_gemini_candidate(candidate)
+            message = {"role": "assistant", "content": text if text or not calls else None, "refusal": None,
+                       **_gemini_fields({"reasoning_content": thoughts, "tool_calls": calls})}
+            choices.append({"index": candidate.get("index", position), "message": message, "logprobs": None,
+                            "finish_reason": _gemini_finish(candidate.get("finishReason"), bool(calls))})
+        if not choices and not _gemini_map(native.get("promptFeedback")).get("blockReason"):
+            raise UpstreamError(502, "upstream answered without candidates")
+        choices = choices or [{"index": 0, "message": {"role": "assistant", "content": "", "refusal": None},
+                               "logprobs": None, "finish_reason": "content_filter"}]  # "PromptFeedback.blockReason"
+        completion = build_completion(model, _gemini_created(native), choices[0]["message"],
+                                      choices[0]["finish_reason"], _gemini_usage(native.get("usageMetadata")))
+        completion["choices"] = choices
+        return completion
+
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Each event is a whole GenerateContentResponse carrying the next piece of every candidate."""
+        chunk_id, created, usage = new_id(), 0, None
+        calls: dict[int, int] = {}  # per candidate seen: its tool calls so far (the next tool_call index)
+        finish: dict[int, str] = {}
+        async for event in events:
+            native = _load_event(event)
+            if "error" in native:
+                raise _stream_error(native)
+            created, usage = created or _gemini_created(native), _gemini_usage(native.get("usageMetadata")) or usage
+            if _gemini_map(native.get("promptFeedback")).get("blockReason"):
+                finish.setdefault(0, "content_filter")
+            for position, candidate in enumerate(map(_gemini_map, native.get("candidates") or ())):
+                index = candidate.get("index", position)
+                text, thoughts, new_calls = _from_gemini_candidate(candidate)
+                tool_calls = [{"index": calls.get(index, 0) + i, **call} for i, call in enumerate(new_calls)]
+                delta = {**({} if index in calls else {"role": "assistant"}),
+                         **_gemini_fields({"content": text, "reasoning_content": thoughts, "tool_calls": tool_calls})}
+                calls[index] = calls.get(index, 0) + len(new_calls)
+                if candidate.get("finishReason"):
+                    finish[index] = _gemini_finish(candidate["finishReason"], calls[index] > 0)
+                if delta:
+                    yield _gemini_chunk(chunk_id, model, created, index, delta)
+        if not finish:
+            raise UpstreamError(502, "upstream stream ended before it finished")
+        for index, reason in sorted(finish.items()):
+            yield _gemini_chunk(chunk_id, model, created, index,
+                                {} if index in calls else {"role": "assistant", "content": ""}, reason)
+        if include_usage:
+            yield build_usage_chunk(chunk_id, model, created, usage or build_usage(0, 0))
+
+    def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
+        """Google's shape: {"error": {"code", "message", "status", "details": [{"reason"}]}}."""
+        error, info = super().parse_error(status, body, retry_after), _google_error(body)
+        if info.get("status"):
+            error.message = f"{info['status']}: {error.message}"
+        if any(_gemini_map(d).get("reason") == "API_KEY_INVALID" for d in info.get("details") or ()):
+            return UpstreamError(401, error.message, retry_after=retry_after)  # a 400 for a bad key: try the next
+        error.retryable = error.retryable or info.get("status") == "FAILED_PRECONDITION"  # "location not supported"
+        return error
+
+    # Embeddings and model listing
+
+    def build_endpoint_request(
+        self, endpoint: Endpoint, body: Mapping[str, Any] | None, target: Target, form: tuple | None = None
+    ) -> UpstreamRequest:
+        if endpoint != "embeddings":
+            return super().build_endpoint_request(endpoint, body, target, form)
+        texts = (body or {}).get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            # Token-id inputs have no Google equivalent; another channel may take them.
+            raise UpstreamError(400, "Google embeddings take a string or a list of strings as input", retryable=True)
+        payload = self.embedding_payload(texts, (body or {}).get("dimensions"), target)
+        return UpstreamRequest("POST", self.url(endpoint, body or {}, target), self.headers(target),
+                               json=self.apply_overrides(payload, target))
+
+    def embedding_payload(self, texts: list[str], dimensions: Any, target: Target) -> dict[str, Any]:
+        """"models.batchEmbedContents": one EmbedContentRequest per input, each naming the model."""
+        return {"requests": [_gemini_fields({"model": f"models/{target.upstream_model}", "content": {"parts": [
+            {"text": text}]}, "outputDimensionality": dimensions}) for text in texts]}
+
+    def embedding_vectors(self, native: Any) -> tuple[list[Any], int]:
+        """BatchEmbedContentsResponse: `embeddings[].values`; the Gemini API counts no tokens for them."""
+        return [e["values"] for e in native["embeddings"]], 0
+
+    def parse_endpoint_response(self, endpoint: Endpoint, native: Any, model: str) -> Any:
+        if endpoint != "embeddings":
+            return super().parse_endpoint_response(endpoint, native, model)
+        try:
+            vectors, tokens = self.embedding_vectors(native)
+        except (KeyError, TypeError, IndexError):
+            raise UpstreamError(502, "upstream embeddings answer has an unexpected shape") from None
+        data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def parse_models(self, native: Any) -> list[str]:
+        """"models.list" {"models": [{"name": "models/gemini-1.5-pro", "supportedGenerationMethods"}]} (Vertex:
+        "publisherModels"), keeping the models this adapter can serve."""
+        models = native.get(self.models_key) if isinstance(native, Mapping) else None
+        if not isinstance(models, list):
+            raise UpstreamError(502, f"models list has no {self.models_key} array")
+        return [str(m["name"]).rsplit("/", 1)[-1] for m in models if isinstance(m, Mapping) and "name" in m
+                and _GEMINI_SERVED_METHODS.intersection(m.get("supportedGenerationMethods") or _GEMINI_SERVED_METHODS)]
+
+
+def vertex_root(base_url: str, region: str) -> str:
+    """Vertex AI's service root: the regional host for a region, unless the user's base_url names another host."""
+    root = base_url.rstrip("/")
+    if region != "global" and urlsplit(root).hostname == "aiplatform.googleapis.com":
+        return f"https://{region}-aiplatform.googleapis.com"
+    return root
+
+
+class VertexGeminiAdapter(GeminiAdapter):
+    """Gemini on Vertex AI (REST "projects.locations.publishers.models.generateContent"): same wire, OAuth bearer."""
+
+    engine = "vertex-gemini"
+    auth = "google-oauth"
+    default_base_url = "https://aiplatform.googleapis.com"
+    methods = MappingProxyType({"chat": "generateContent", "embeddings": "predict"})
+    models_key = "publisherModels"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        extra = target.provider.extra
+        region = extra.get("region") or VERTEX_DEFAULT_REGION
+        root = vertex_root(target.provider.base_url, region)
+        if endpoint == "models":  # "publishers.models.list", v1beta1 only; it needs the OAuth token too
+            return f"{root}/v1beta1/publishers/google/models?pageSize=1000"
+        model_path = f"projects/{extra.get('project_id', '')}/locations/{region}/publishers/google/models"
+        return f"{root}/v1/{model_path}/{target.upstream_model}:{self.method(endpoint, body)}"
+
+    def headers(self, target: Target) -> dict[str, str]:
+        return {**({"Authorization": f"Bearer {target.token}"} if target.token else {}), **target.provider.headers}
+
+    def embedding_payload(self, texts: list[str], dimensions: Any, target: Target) -> dict[str, Any]:
+        """Vertex AI "Get text embeddings": `predict` with one instance per input."""
+        return _gemini_fields({"instances": [{"content": text} for text in texts],
+                               "parameters": _gemini_fields({"outputDimensionality": dimensions})})
+
+    def embedding_vectors(self, native: Any) -> tuple[list[Any], int]:
+        """`predictions[].embeddings` with `values` and `statistics.token_count`."""
+        embeddings = [p["embeddings"] for p in native["predictions"]]
+        tokens = sum(int(_gemini_map(e.get("statistics")).get("token_count") or 0) for e in embeddings)
+        return [e["values"] for e in embeddings], tokens
+
+
+# Vertex OAuth: the service account's signed assertion (Google, "Using OAuth 2.0 for Server to Server
+# Applications"; RFC 7523). uni_api.py posts it to token_uri and caches the token.
+
+
+def google_jwt_assertion(
+    client_email: str, private_key_pem: str, token_uri: str, now: int, scope: str = GOOGLE_SCOPE
+) -> str:
+    """A JWT signed RS256 with the service account key, valid for an hour from `now`."""
+    claims = {"iss": client_email, "scope": scope, "aud": token_uri, "iat": int(now), "exp": int(now) + 3600}
+    signing_input = ".".join(_jwt_b64url(dumps(part)) for part in ({"alg": "RS256", "typ": "JWT"}, claims))
+    # api.yaml often carries the key as the JSON key file does, with literal \n escapes.
+    signature = rs256_sign(private_key_pem.replace("\\n", "\n"), signing_input.encode())
+    return f"{signing_input}.{_jwt_b64url(signature)}"
+
+
+def _jwt_b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def rs256_sign(private_key_pem: str, message: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 with SHA-256: `cryptography` when importable, else the pure-Python signer."""
+    try:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    except ImportError:  # the universal .pex carries no compiled modules
+        return rs256_sign_pure(private_key_pem, message)
+    key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("private_key is not an RSA key")
+    return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+
+
+_SHA256_DIGEST_INFO: Final = bytes.fromhex("3031300d060960864801650304020105000420")  # RFC 8017 §9.2 note 1
+
+
+def rs256_sign_pure(private_key_pem: str, message: bytes) -> bytes:
+    """RFC 8017 §8.2.1: EMSA-PKCS1-v1_5 encoding, then RSASP1 in its CRT form (§5.1.2)."""
+    n, _e, _d, p, q, dp, dq, qinv = _rsa_private_numbers(private_key_pem)
+    size = (n.bit_length() + 7) // 8
+    digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    if size < len(digest_info) + 11:
+        raise ValueError("private_key is too short for RS256")
+    m = int.from_bytes(b"\x00\x01" + b"\xff" * (size - len(digest_info) - 3) + b"\x00" + digest_info, "big")
+    s1, s2 = pow(m, dp, p), pow(m, dq, q)
+    return (s2 + q * ((qinv * (s1 - s2)) % p)).to_bytes(size, "big")
+
+
+def _der_next(data: bytes, offset: int) -> tuple[int, bytes, int]:
+    """One DER element at `offset`: (tag, contents, offset after it)."""
+    if offset + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag, length, offset = data[offset], data[offset + 1], offset + 2
+    if length & 0x80:  # long form: the low bits count the length octets that follow
+        count = length & 0x7F
+        length, offset = int.from_bytes(data[offset:offset + count], "big"), offset + count
+    if offset + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, data[offset:offset + length], offset + length
+
+
+def _der_sequence(data: bytes) -> list[tuple[int, bytes]]:
+    """The (tag, contents) elements of the DER SEQUENCE at the start of `data`."""
+    tag, contents, _ = _der_next(data, 0)
+    if tag != 0x30:
+        raise ValueError("expected a DER SEQUENCE")
+    items, offset = [], 0
+    while offset < len(contents):
+        tag, value, offset = _der_next(contents, offset)
+        items.append((tag, value))
+    return items
+
+
+def _rsa_private_numbers(pem: str) -> list[int]:
+    """n, e, d, p, q, dp, dq, qinv of a PKCS#8 ("BEGIN PRIVATE KEY") or PKCS#1 ("BEGIN RSA PRIVATE KEY") PEM."""
+    body = "".join(line.strip() for line in pem.strip().splitlines() if not line.startswith("-----"))
+    try:
+        fields = _der_sequence(base64.b64decode(body, validate=True))
+        if len(fields) >= 3 and fields[1][0] == 0x30 and fields[2][0] == 0x04:  # RFC 5208 PrivateKeyInfo
+            fields = _der_sequence(fields[2][1])
+    except ValueError as exc:  # binascii.Error is a ValueError
+        raise ValueError(f"private_key is not a PEM RSA key: {exc}") from None
+    numbers = [int.from_bytes(value, "big") for tag, value in fields if tag == 0x02]
+    if len(numbers) < 9:
+        raise ValueError("private_key is not an RSA private key")
+    return numbers[1:9]  # RFC 8017 A.1.2 RSAPrivateKey, after its version
+
+
+_GOOGLE_ADAPTERS: Final[tuple[Adapter, ...]] = (GeminiAdapter(), VertexGeminiAdapter())
 
 # --- Cohere and Cloudflare ---
+# parse_response/parse_stream take `created` as a keyword: adapters never read the clock, the flow may pass it.
 
-_OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = ()
+
+def _text_of(content: Any) -> str:
+    """The text of an OpenAI message content: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else ()
+    return "".join(str(p.get("text") or "") for p in parts if isinstance(p, Mapping) and p.get("type") == "text")
+
+
+def _json_text(value: Any) -> str:
+    """Tool-call arguments as the JSON string OpenAI promises, whatever the upstream sent."""
+    return value if isinstance(value, str) else dumps(value if value is not None else {}).decode()
+
+
+def _openai_tool_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped tool call from `{id, function: {name, arguments}}` or Workers AI's flat
+    `{name, arguments: object}` ("Traditional function calling"); a missing id is generated."""
+    function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+    return {"id": call.get("id") or new_id("call_"), "type": "function",
+            "function": {"name": function.get("name") or "", "arguments": _json_text(function.get("arguments"))}}
+
+
+def _model_names(native: Any, key: str) -> list[str]:
+    models = native.get(key) if isinstance(native, dict) else None
+    if not isinstance(models, list):
+        raise UpstreamError(502, f"models list has no '{key}' array")
+    return [str(m["name"]) for m in models if isinstance(m, dict) and "name" in m]
+
+
+@dataclass(slots=True)
+class _Chunks:
+    """One converted stream's chunks: the first delta also carries the assistant role."""
+
+    model: str
+    created: int
+    id: str = field(default_factory=new_id)
+    started: bool = False
+
+    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        if not self.started:
+            self.started = True
+            delta = {"role": "assistant", **delta}
+        return build_chunk(self.id, self.model, self.created, delta)
+
+    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
+        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
+        tail = [build_chunk(self.id, self.model, self.created, {}, finish)]
+        if include_usage and usage is not None:
+            tail.append(build_usage_chunk(self.id, self.model, self.created, usage))
+        return tail
+
+
+# Cohere Chat API v2 (docs.cohere.com/reference/chat), "ChatFinishReason"; ERROR and TIMEOUT are failures.
+_COHERE_FINISH: Final[Mapping[str, str]] = MappingProxyType(
+    {"COMPLETE": "stop", "STOP_SEQUENCE": "stop", "MAX_TOKENS": "length", "TOOL_CALL": "tool_calls"}
+)
+_COHERE_FAILED: Final[Mapping[str, int]] = MappingProxyType({"ERROR": 502, "TIMEOUT": 504})
+_COHERE_ROLES: Final[Mapping[str, str]] = MappingProxyType(
+    {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+)
+# OpenAI body field -> Cohere v2 request field; later entries win, so max_completion_tokens beats max_tokens.
+_COHERE_FIELDS: Final[Mapping[str, str]] = MappingProxyType(
+    {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
+     "top_p": "p", "top_k": "k", "seed": "seed", "frequency_penalty": "frequency_penalty",
+     "presence_penalty": "presence_penalty"}
+)
+# reasoning_effort -> Cohere "Thinking".token_budget; the numbers are this gateway's choice, not Cohere's.
+_COHERE_BUDGETS: Final[Mapping[str, int]] = MappingProxyType(
+    {"minimal": 512, "low": 1024, "medium": 4096, "high": 16384}
+)
+
+
+def _to_cohere_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """Cohere v2 "ChatMessageV2": system messages stay in place; tool calls and results keep their ids."""
+    role = _COHERE_ROLES.get(message["role"])
+    if role is None:
+        raise UpstreamError(400, f"cohere does not accept messages with role '{message['role']}'")
+    if role == "tool":
+        return {"role": "tool", "tool_call_id": str(message.get("tool_call_id") or ""),
+                "content": _text_of(message.get("content"))}
+    if role == "assistant" and message.get("tool_calls"):
+        native = {"role": "assistant", "tool_calls": [_openai_tool_call(call) for call in message["tool_calls"]]}
+        plan = _text_of(message.get("content"))
+        return {**native, "tool_plan": plan} if plan else native  # the text before tool calls is a tool_plan
+    content = message.get("content")
+    if role == "user" and isinstance(content, list):
+        return {"role": role, "content": [_to_cohere_part(part) for part in content]}
+    return {"role": role, "content": _text_of(content)}
+
+
+def _to_cohere_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    """User content parts: "ChatTextContent" and "ImageContent" (data: or http URLs, "Image Inputs" guide)."""
+    if part.get("type") == "text":
+        return {"type": "text", "text": part.get("text", "")}
+    if part.get("type") == "image_url":
+        image = part["image_url"] if isinstance(part["image_url"], Mapping) else {"url": part["image_url"]}
+        return {"type": "image_url", "image_url": {k: image[k] for k in ("url", "detail") if k in image}}
+    raise UpstreamError(400, f"cohere does not accept content parts of type '{part.get('type')}'")
+
+
+def _cohere_tools(tools: Any, choice: Any) -> dict[str, Any]:
+    """"ToolV2" and tool_choice; v2 knows only REQUIRED and NONE, so a named function becomes REQUIRED with
+    `tools` narrowed to that function."""
+    if not tools:
+        return {}
+    named = choice.get("function", {}).get("name") if isinstance(choice, Mapping) else None
+    functions = [t["function"] for t in tools if named is None or t["function"].get("name") == named]
+    native: dict[str, Any] = {"tools": [{"type": "function", "function": {
+        "name": f["name"], **({"description": f["description"]} if f.get("description") else {}),
+        "parameters": f.get("parameters") or {"type": "object", "properties": {}}}} for f in functions]}
+    if any(f.get("strict") for f in functions):
+        native["strict_tools"] = True
+    mode = "REQUIRED" if named else {"required": "REQUIRED", "none": "NONE"}.get(choice)  # auto: omitted
+    return {**native, "tool_choice": mode} if mode else native
+
+
+def _cohere_response_format(value: Any) -> dict[str, Any]:
+    """"ResponseFormatV2": both OpenAI JSON modes become json_object, a json_schema carrying the schema."""
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind not in ("json_object", "json_schema"):
+        return {}
+    schema = (value.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    return {"response_format": {"type": "json_object", **({"json_schema": schema} if schema else {})}}
+
+
+def _cohere_thinking(body: Mapping[str, Any]) -> dict[str, Any]:
+    """"Thinking": OpenAI reasoning_effort, or OpenRouter-style `reasoning: {effort, max_tokens}`."""
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), Mapping) else {}
+    effort = body.get("reasoning_effort") or reasoning.get("effort")
+    if effort == "none" or reasoning.get("enabled") is False:
+        return {"thinking": {"type": "disabled"}}
+    budget = reasoning.get("max_tokens") or _COHERE_BUDGETS.get(effort)
+    if not budget and not reasoning:
+        return {}
+    return {"thinking": {"type": "enabled", **({"token_budget": int(budget)} if budget else {})}}
+
+
+def _cohere_usage(usage: Any) -> dict[str, Any] | None:
+    """"Usage": tokens counts, billed_units when tokens are missing; counts arrive as doubles."""
+    if not isinstance(usage, Mapping):
+        return None
+    counts = usage.get("tokens") or usage.get("billed_units") or {}
+    if "input_tokens" not in counts and "output_tokens" not in counts:
+        return None
+    cached = usage.get("cached_tokens")
+    return build_usage(counts.get("input_tokens") or 0, counts.get("output_tokens") or 0,
+                       cached=int(cached) if cached else None)
+
+
+def _cohere_finish(reason: Any, error: Any = None) -> str:
+    if reason in _COHERE_FAILED:
+        raise UpstreamError(_COHERE_FAILED[reason], f"cohere stopped with {reason}: {error or 'no detail'}",
+                            retryable=True)
+    return _COHERE_FINISH.get(str(reason), "stop")
+
+
+class CohereAdapter(Adapter):
+    """Cohere Chat API v2: POST {base}/v2/chat, bearer auth (docs.cohere.com/reference/chat)."""
+
+    engine = "cohere"
+    endpoints = frozenset({"chat", "models"})
+    default_base_url = "https://api.cohere.com/v2/chat"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        root = target.provider.base_url.rstrip("/").removesuffix("/v2/chat")
+        # "List Models": GET /v1/models, filtered to chat models, one page of the maximum size.
+        return root + ("/v1/models?endpoint=chat&page_size=1000" if endpoint == "models" else "/v2/chat")
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model": target.upstream_model, "stream": bool(body.get("stream")),
+                                   "messages": [_to_cohere_message(m) for m in body["messages"]]}
+        payload.update((native, body[name]) for name, native in _COHERE_FIELDS.items() if body.get(name) is not None)
+        stop = body.get("stop")
+        if stop:
+            payload["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        payload.update(_cohere_response_format(body.get("response_format")))
+        payload.update(_cohere_thinking(body))
+        if target.provider.tools:
+            payload.update(_cohere_tools(body.get("tools"), body.get("tool_choice")))
+        return self.apply_overrides(payload, target)
+
+    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+        """"v2_chat_Response": content[] text and thinking, tool_plan, tool_calls, finish_reason, usage."""
+        message = native.get("message") if isinstance(native, dict) else None
+        if not isinstance(message, dict):
+            raise UpstreamError(502, "cohere answered without a message")
+        finish = _cohere_finish(native.get("finish_reason"))
+        items = [c for c in message.get("content") or () if isinstance(c, dict)]
+        text = (message.get("tool_plan") or "") + "".join(c.get("text", "") for c in items if c.get("type") == "text")
+        result: dict[str, Any] = {"role": "assistant", "content": text or None}
+        thinking = "".join(c.get("thinking", "") for c in items if c.get("type") == "thinking")
+        if thinking:
+            result["reasoning_content"] = thinking
+        if message.get("tool_calls"):
+            result["tool_calls"] = [_openai_tool_call(c) for c in message["tool_calls"]]
+        return build_completion(model, created, result, finish, _cohere_usage(native.get("usage")),
+                                native.get("id") or None)
+
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Cohere v2 "Chat with Streaming" events, each JSON with a `type`, to OpenAI chunks."""
+        chunks, tool_index = _Chunks(model, created), {}
+        async for event in events:
+            if event.data == "[DONE]":
+                continue
+            data = _load_event(event)
+            kind, delta = data.get("type"), data.get("delta") or {}
+            if kind == "message-start":
+                chunks.id = str(data.get("id") or chunks.id)
+            if kind == "message-end":
+                finish = _cohere_finish(delta.get("finish_reason"), delta.get("error"))
+                for chunk in chunks.tail(finish, _cohere_usage(delta.get("usage")), include_usage):
+                    yield chunk
+                return
+            converted = _COHERE_DELTAS.get(kind, _no_delta)(data, tool_index)
+            if converted or not chunks.started:
+                yield chunks.delta(converted or {"content": ""})
+        raise UpstreamError(502, "cohere stream ended before message-end")
+
+    def parse_models(self, native: Any) -> list[str]:
+        return _model_names(native, "models")  # "List Models": {"models": [{"name": ...}]}
+
+
+def _no_delta(data: Mapping[str, Any], tool_index: dict[int, int]) -> dict[str, Any] | None:
+    return None
+
+
+def _cohere_content_delta(data: Mapping[str, Any], tool_index: dict[int, int]) -> dict[str, Any] | None:
+    """content-start/content-delta: text, or a reasoning model's thinking, as reasoning_content."""
+    content = ((data.get("delta") or {}).get("message") or {}).get("content") or {}
+    if content.get("thinking"):
+        return {"reasoning_content": content["thinking"]}
+    return {"content": content["text"]} if content.get("text") else None
+
+
+def _cohere_plan_delta(data: Mapping[str, Any], tool_index: dict[int, int]) -> dict[str, Any] | None:
+    plan = ((data.get("delta") or {}).get("message") or {}).get("tool_plan")
+    return {"content": plan} if plan else None
+
+
+def _cohere_call_start(data: Mapping[str, Any], tool_index: dict[int, int]) -> dict[str, Any] | None:
+    """tool-call-start: parallel calls each get the next OpenAI index, whatever Cohere's `index` says."""
+    call = ((data.get("delta") or {}).get("message") or {}).get("tool_calls") or {}
+    tool_index[data.get("index", len(tool_index))] = index = len(tool_index)
+    return {"tool_calls": [{"index": index, **_openai_tool_call(call)}]}
+
+
+def _cohere_call_delta(data: Mapping[str, Any], tool_index: dict[int, int]) -> dict[str, Any] | None:
+    call = ((data.get("delta") or {}).get("message") or {}).get("tool_calls") or {}
+    arguments = (call.get("function") or {}).get("arguments")
+    index = tool_index.get(data.get("index", len(tool_index) - 1), len(tool_index) - 1)
+    return {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]} if arguments else None
+
+
+# "Chat with Streaming" event types that carry a delta; the others (content-end, tool-call-end,
+# citation-start/-end) carry nothing an OpenAI chunk has.
+_COHERE_DELTAS: Final[Mapping[str, Callable[[Mapping[str, Any], dict[int, int]], dict[str, Any] | None]]] = (
+    MappingProxyType({"content-start": _cohere_content_delta, "content-delta": _cohere_content_delta,
+                      "tool-plan-delta": _cohere_plan_delta, "tool-call-start": _cohere_call_start,
+                      "tool-call-delta": _cohere_call_delta})
+)
+
+
+# Workers AI text generation input ("Messages" schema of each model page): the fields forwarded when present.
+_CLOUDFLARE_FIELDS: Final = (
+    "stream", "max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "stop",
+)
+_CLOUDFLARE_FINISH: Final = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+
+def _to_cloudflare_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """Older models take `content` as a string only, so text parts are joined; image parts (vision models)
+    keep the list form, with data: URIs (the gateway inlines http images first)."""
+    content = message.get("content")
+    native = {k: v for k, v in message.items() if k in ("role", "tool_calls", "tool_call_id", "name")}
+    kinds = {p.get("type") for p in content if isinstance(p, Mapping)} if isinstance(content, list) else set()
+    if kinds - {"text", "image_url"}:
+        raise UpstreamError(400, f"workers ai does not accept content parts {sorted(kinds - {'text', 'image_url'})}")
+    native["content"] = content if "image_url" in kinds else _text_of(content)
+    return native
+
+
+def _cloudflare_response_format(value: Any) -> dict[str, Any]:
+    """"JSON Mode": json_schema carries the bare JSON Schema, not OpenAI's {name, schema} wrapper."""
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind == "json_schema":
+        return {"response_format": {"type": kind, "json_schema": (value.get("json_schema") or {}).get("schema", {})}}
+    return {"response_format": {"type": kind}} if kind == "json_object" else {}
+
+
+def _cloudflare_usage(usage: Any) -> dict[str, Any] | None:
+    if not isinstance(usage, Mapping) or "prompt_tokens" not in usage:
+        return None
+    return build_usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+
+
+def _cloudflare_message(errors: Any) -> str | None:
+    """The REST envelope's `errors: [{code, message}]`."""
+    found = [f"{e.get('message')} (code {e.get('code')})" for e in errors or () if isinstance(e, Mapping)]
+    return "; ".join(found) or None
+
+
+def _cloudflare_result(native: Any) -> dict[str, Any]:
+    """The `result` of the REST envelope {result, success, errors, messages}."""
+    if not isinstance(native, dict) or native.get("success") is False or not isinstance(native.get("result"), dict):
+        errors = native.get("errors") if isinstance(native, dict) else None
+        raise UpstreamError(502, _cloudflare_message(errors) or "workers ai answered without a result", retryable=True)
+    return native["result"]
+
+
+def _complete_openai_shape(completion: dict[str, Any], model: str) -> dict[str, Any]:
+    """A newer model's chat.completion with the fields OpenAI always sends (refusal, logprobs) filled in."""
+    completion["model"] = model
+    for index, choice in enumerate(completion["choices"]):
+        choice.setdefault("index", index)
+        choice.setdefault("logprobs", None)
+        message = choice.setdefault("message", {})
+        message.update({k: message.get(k) for k in ("content", "refusal")}, role="assistant")
+        if not message.get("tool_calls"):
+            message.pop("tool_calls", None)
+    return completion
+
+
+def _cloudflare_delta(data: Mapping[str, Any], tools: list[int]) -> tuple[dict[str, Any], str | None]:
+    """One stream event as (delta, finish): `{"response", "tool_calls", "usage"}`, or an OpenAI chunk.
+    `tools` collects the indexes given so far, so parallel calls spread over events stay distinct."""
+    choices = data.get("choices")
+    if isinstance(choices, list):
+        choice = choices[0] if choices else {}
+        passed = {k: v for k, v in (choice.get("delta") or {}).items() if k != "role" and v is not None}
+        return passed, choice.get("finish_reason")
+    delta: dict[str, Any] = {"content": data["response"]} if data.get("response") else {}
+    calls = [{"index": len(tools) + i, **_openai_tool_call(c)} for i, c in enumerate(data.get("tool_calls") or ())]
+    tools.extend(call["index"] for call in calls)
+    return ({**delta, "tool_calls": calls} if calls else delta), data.get("finish_reason")
+
+
+class CloudflareAdapter(Adapter):
+    """Workers AI REST API, "Execute AI model": POST {root}/client/v4/accounts/{cf_account_id}/ai/run/{model}."""
+
+    engine = "cloudflare"
+    endpoints = frozenset({"chat", "embeddings", "models"})
+    default_base_url = "https://api.cloudflare.com"
+    inline_images = True  # vision models take data: URIs only ("HTTP URL will not be accepted")
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        account = target.provider.extra.get("cf_account_id")
+        if not account:
+            raise UpstreamError(502, f"provider {target.provider.name} has no cf_account_id", retryable=True)
+        root = target.provider.base_url.rstrip("/").split("/client/v4")[0] + f"/client/v4/accounts/{account}/ai"
+        if endpoint == "models":  # "Model Search"
+            return root + "/models/search?task=Text%20Generation&per_page=100"
+        return f"{root}/run/{target.upstream_model}"  # "@cf/meta/..." keeps its slashes, as the docs show
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        payload = {name: body[name] for name in _CLOUDFLARE_FIELDS if body.get(name) is not None}
+        if body.get("max_completion_tokens") is not None:
+            payload["max_tokens"] = body["max_completion_tokens"]
+        payload["messages"] = [_to_cloudflare_message(m) for m in body["messages"]]
+        payload.update(_cloudflare_response_format(body.get("response_format")))
+        if not target.provider.tools:
+            for name in _TOOL_FIELDS:
+                payload.pop(name, None)
+        return self.apply_overrides(payload, target)
+
+    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+        result = _cloudflare_result(native)
+        if isinstance(result.get("choices"), list):  # newer models answer an OpenAI chat.completion
+            return _complete_openai_shape(result, model)
+        text = result.get("response")
+        message: dict[str, Any] = {"role": "assistant", "content": _json_text(text) if text else None}
+        calls = [_openai_tool_call(c) for c in result.get("tool_calls") or ()]
+        if calls:
+            message["tool_calls"] = calls
+        finish = "tool_calls" if calls else "stop"
+        return build_completion(model, created, message, finish, _cloudflare_usage(result.get("usage")))
+
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """SSE `data: {"response": "...", "p": "..."}` ... `data: {"response": "", "usage": {...}}`, [DONE]."""
+        chunks, tools = _Chunks(model, created), []
+        usage, finish, done = None, None, False
+        async for event in events:
+            if event.data == "[DONE]":
+                done = True
+                break
+            data = _load_event(event)
+            if data.get("errors") and not data.get("response"):
+                raise UpstreamError(502, _cloudflare_message(data["errors"]) or "workers ai stream error")
+            delta, event_finish = _cloudflare_delta(data, tools)
+            finish = event_finish or finish
+            usage = _cloudflare_usage(data.get("usage")) or usage
+            if delta or not chunks.started:
+                yield chunks.delta(delta or {"content": ""})
+        if not done and finish is None:
+            raise UpstreamError(502, "workers ai stream ended before [DONE]")
+        finish = finish if finish in _CLOUDFLARE_FINISH else "tool_calls" if tools else "stop"
+        for chunk in chunks.tail(finish, usage, include_usage):
+            yield chunk
+
+    def build_endpoint_request(
+        self, endpoint: Endpoint, body: Mapping[str, Any] | None, target: Target, form: tuple | None = None
+    ) -> UpstreamRequest:
+        """Embeddings through the bge models: `{"text": [...]}` ("Text Embeddings" model schema)."""
+        if endpoint != "embeddings" or body is None:
+            return super().build_endpoint_request(endpoint, body, target, form)
+        text = body.get("input")
+        payload = self.apply_overrides({"text": [text] if isinstance(text, str) else list(text or ())}, target)
+        return UpstreamRequest("POST", self.url(endpoint, body, target), self.headers(target), json=payload)
+
+    def parse_endpoint_response(self, endpoint: Endpoint, native: Any, model: str) -> Any:
+        """`result: {shape, data: [[float]]}` to an OpenAI embedding list; Workers AI reports no token usage."""
+        if endpoint != "embeddings":
+            return super().parse_endpoint_response(endpoint, native, model)
+        vectors = _cloudflare_result(native).get("data") or []
+        return {"object": "list", "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
+
+    def parse_models(self, native: Any) -> list[str]:
+        return _model_names(native, "result")  # "Model Search": {"result": [{"name": ...}]}
+
+    def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
+        try:
+            envelope = loads(body)
+        except (JSONDecodeError, ValueError):
+            envelope = None
+        message = _cloudflare_message(envelope.get("errors")) if isinstance(envelope, dict) else None
+        return UpstreamError(status, message, retry_after=retry_after) if message else super().parse_error(
+            status, body, retry_after)
+
+
+def _is_cohere(url: SplitResult, model: str) -> bool:
+    """Cohere's own hosts or a v2 chat path; its OpenAI-compatible path (/compatibility/...) stays gpt."""
+    path = url.path.rstrip("/")
+    own_host = url.hostname in ("api.cohere.com", "api.cohere.ai")
+    return not path.endswith(_CHAT_SUFFIX) and (own_host or path.endswith("/v2/chat"))
+
+
+def _is_cloudflare(url: SplitResult, model: str) -> bool:
+    """The Workers AI REST root; its OpenAI-compatible /ai/v1/chat/completions stays gpt."""
+    return url.hostname == "api.cloudflare.com" and not url.path.rstrip("/").endswith(_CHAT_SUFFIX)
+
+
+_OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = (CohereAdapter(), CloudflareAdapter())
 
 ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(
     {a.engine: a for a in (*_OPENAI_ADAPTERS, *_CLAUDE_ADAPTERS, *_GOOGLE_ADAPTERS, *_OTHER_ADAPTERS)}
@@ -464,9 +2025,20 @@ def _path(suffix: str) -> Callable[[SplitResult, str], bool]:
 
 
 _Rule = tuple[str, Callable[[SplitResult, str], bool]]
-_GOOGLE_RULES: Final[tuple[_Rule, ...]] = ()
-_CLAUDE_RULES: Final[tuple[_Rule, ...]] = ()
-_OTHER_RULES: Final[tuple[_Rule, ...]] = ()
+_GOOGLE_RULES: Final[tuple[_Rule, ...]] = (
+    ("gemini", _host("generativelanguage.googleapis.com")),
+    ("gemini", _path("/v1beta")),
+    # One Vertex host serves both wire formats: the model name tells them apart.
+    ("vertex-claude", lambda url, model: "claude" in model and _host("aiplatform.googleapis.com")(url, model)),
+    ("vertex-gemini", _host("aiplatform.googleapis.com")),
+)
+_CLAUDE_RULES: Final[tuple[_Rule, ...]] = (
+    ("claude", _host("api.anthropic.com")),
+    ("claude", _path("/v1/messages")),
+    ("aws", lambda url, model: "bedrock-runtime" in (url.hostname or "")),
+    ("aws", _host("amazonaws.com")),
+)
+_OTHER_RULES: Final[tuple[_Rule, ...]] = (("cohere", _is_cohere), ("cloudflare", _is_cloudflare))
 
 # First matching rule wins; `engine:` in api.yaml overrides all of them.
 ENGINE_RULES: Final[tuple[_Rule, ...]] = (

@@ -186,6 +186,7 @@ class Config:
     error_triggers: tuple[str, ...] = ()
     body_limit: int = DEFAULT_BODY_LIMIT
     default_timeout: float = DEFAULT_TIMEOUT
+    request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
 
 
@@ -273,7 +274,8 @@ def _expand_env(value: Any, source: str, path: str, line: int) -> Any:
     """`${VAR}` and `${VAR:-default}` in every string value, once, in place; errors name the value's path.
 
     `${VAR:-d}` gives d when VAR is unset or empty, as the shell does; `${VAR}` gives "" when VAR is set but
-    empty and is an error when VAR is unset. Mapping keys are left alone (rule weights expand theirs).
+    empty and is an error when VAR is unset. Mapping keys are left alone, except the model names of
+    `upstream: alias` renames and weighted rules, which their parsers expand.
     """
     if isinstance(value, str):
         if "${" not in value:
@@ -309,7 +311,7 @@ _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
-                        "max_body_size")
+                        "max_body_size", "request_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +369,8 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         error_triggers=triggers,
         body_limit=_size(prefs, "max_body_size", DEFAULT_BODY_LIMIT),
         default_timeout=env_timeout,
+        request_timeout=None if prefs.get("request_timeout", (int, float)) is None
+        else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
     )
 
@@ -421,6 +425,7 @@ def _parse_models(node: _Node) -> tuple[tuple[str, str], ...]:
             models.append((item, item))
         elif isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), str):
             upstream, alias = next(iter(item.items()))
+            upstream = _expand_env(upstream, node.source, path, line)  # a key; values were expanded on load
             models.append((str(alias), str(upstream)))
         else:
             raise _Node(CommentedMap(), path, node.source, line).error("expected a model name or 'upstream: alias'")
@@ -950,23 +955,25 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str) -> Send:
         if adapter.inline_images and not inlined:
             inlined.append(await inline_images(gw.session, body))
         request = adapter.build_request(inlined[0] if adapter.inline_images else body, target)
+        created = int(target.now)
         response = await _open(gw, policy, request, timeout)
         try:
             await _check_status(response, adapter, timeout)
             if not body.get("stream"):
                 raw = await _read(response, timeout)
                 _check_triggers(raw.decode("utf-8", "replace"), triggers)
-                return _json_response(adapters.dumps(adapter.parse_response(_parse_json(raw), model)))
+                completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
+                return _json_response(adapters.dumps(completion))
             chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model,
                                           include_usage=include_usage)
             with _transport_errors(timeout):
-                first = await anext_or_fail(chunks)
+                first = _stamp(await anext_or_fail(chunks), created)
             frame = adapters.sse_frame(first)
             _check_triggers(frame.decode(), triggers)
         except BaseException:
             response.close()
             raise
-        return StreamingResponse(_relay(frame, chunks, response, timeout), media_type="text/event-stream",
+        return StreamingResponse(_relay(frame, chunks, response, timeout, created), media_type="text/event-stream",
                                  headers=_STREAM_HEADERS)
 
     return send
@@ -989,14 +996,21 @@ def _parse_json(raw: bytes) -> Any:
         raise UpstreamError(502, "upstream answered with invalid JSON") from None
 
 
+def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
+    """Fill `created` where the provider's format has no timestamp (adapters never read the clock)."""
+    if not answer.get("created"):
+        answer["created"] = created
+    return answer
+
+
 async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
-                 timeout: float) -> AsyncIterator[bytes]:
+                 timeout: float, created: int) -> AsyncIterator[bytes]:
     """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
     try:
         yield first
         with _transport_errors(timeout):
             async for chunk in chunks:
-                yield adapters.sse_frame(chunk)
+                yield adapters.sse_frame(_stamp(chunk, created))
     except UpstreamError as exc:
         logger.warning("stream failed after its first chunk: %s", exc)
         yield adapters.sse_frame(adapters.error_body(f"upstream failed mid-stream: {exc}", "upstream_error",
@@ -1060,53 +1074,95 @@ def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int 
     return gw.scheduler.acquire_key(policy.keys, model, tried)
 
 
+@dataclass(slots=True)
+class _Budget:
+    """What one request may still spend: attempts (AUTO_RETRY) and time (request_timeout), set by the first."""
+
+    attempts: float
+    deadline: float | None = None
+
+    def start(self, config: Config, first_timeout: float) -> None:
+        if self.deadline is None:
+            cap = 2 * first_timeout if config.request_timeout is None else config.request_timeout or math.inf
+            self.deadline = time.monotonic() + cap
+
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+
+class _OutOfTime(UpstreamError):
+    """The request's time cap ended an attempt: the channel did not fail on its own terms, so it is not cooled."""
+
+
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send) -> Response:
     """Try the key's channels for `model` in scheduled order, each key of a channel at most once."""
     channels = channels_for(gw, key, model)
     wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
-    budget = math.inf if key.retries is None else key.retries + 1
-    attempts = 0
+    budget = _Budget(math.inf if key.retries is None else key.retries + 1)
     failures: list[tuple[Channel, UpstreamError]] = []
     for channel in gw.scheduler.plan(key.token, channels, key.strategy):
-        policy = gw.config.policies[channel.provider]
-        timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts,
-                                  gw.config.default_timeout)
-        tried: list[int] = []
-        while attempts < budget:
-            index = _next_key(gw, policy, channel.upstream_model, tried)
-            if index is None:
-                if not tried:
-                    failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
-                break
-            tried.append(index)
-            attempts += 1
-            outcome = await _attempt(gw, key, channel, index, timeout, send)
-            if isinstance(outcome, Response):
-                return outcome
-            failures.append((channel, outcome))
-            if not outcome.retryable:
-                raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
-                                   code="upstream_error")
-            if outcome.status in _KEY_FAILURES and index >= 0:
-                gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
-                continue
-            gw.scheduler.record_failure(channel)
-            break
+        response = await _try_channel(gw, key, channel, send, budget, failures)
+        if response is not None:
+            return response
     raise _all_failed(model, failures)
 
 
+async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, budget: _Budget,
+                       failures: list[tuple[Channel, UpstreamError]]) -> Response | None:
+    """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
+    policy = gw.config.policies[channel.provider]
+    timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
+    budget.start(gw.config, timeout)
+    tried: list[int] = []
+    while budget.attempts > 0 and (left := budget.time_left()) > 0:
+        index = _next_key(gw, policy, channel.upstream_model, tried)
+        if index is None:
+            if tried:  # every key failed this request: the channel failed
+                gw.scheduler.record_failure(channel)
+            else:
+                failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
+            return None
+        tried.append(index)
+        budget.attempts -= 1
+        outcome = await _attempt(gw, key, channel, index, timeout, send, left)
+        if isinstance(outcome, Response):
+            return outcome
+        failures.append((channel, outcome))
+        if not outcome.retryable:
+            raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
+                               code="upstream_error")
+        if isinstance(outcome, _OutOfTime):
+            budget.attempts = 0
+        elif outcome.status in _KEY_FAILURES and index >= 0:
+            gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
+            continue
+        else:
+            gw.scheduler.record_failure(channel)
+        return None
+    return None
+
+
 async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Send) -> Response | UpstreamError:
+                   send: Send, left: float = math.inf) -> Response | UpstreamError:
+    """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
     started = time.perf_counter()
-    try:
+
+    async def send_once() -> Response:
         token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
         target = Target(provider, channel.upstream_model, provider.api_keys[index] if index >= 0 else "", token,
                         time.time())
-        response = await send(channel, adapter, target, timeout)
+        return await send(channel, adapter, target, timeout)
+
+    try:
+        response = await asyncio.wait_for(send_once(), None if left == math.inf else left)
+    except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
+        exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
+        _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}")
+        return exc
     except UpstreamError as exc:
         exc.message = _redact(exc.message, provider)
         _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}")
@@ -1125,7 +1181,7 @@ def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started
 
 def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -> AllChannelsFailed:
     statuses = {error.status for _, error in failures}
-    status = 504 if statuses == {504} else 503 if statuses <= {429, 503} else 502
+    status = 504 if statuses <= {504} else 503 if statuses <= {429, 503} else 502  # none tried: out of time
     reasons = "; ".join(f"{c.provider}/{c.upstream_model}: {e}" for c, e in failures) or "no channel was tried"
     return AllChannelsFailed(f"All channels failed for '{model}': {reasons}", status=status)
 
@@ -1224,8 +1280,8 @@ async def discover_models(config: Config, session: aiohttp.ClientSession) -> dic
 
     async def one(provider: Provider) -> tuple[str, tuple[tuple[str, str], ...]]:
         adapter = ADAPTERS[provider.engine]
-        request = adapter.build_models_request(provider, provider.api_keys[0] if provider.api_keys else "")
-        try:
+        try:  # an adapter that cannot list models raises UpstreamError from build_models_request
+            request = adapter.build_models_request(provider, provider.api_keys[0] if provider.api_keys else "")
             async with session.request(request.method, request.url, headers=dict(request.headers),
                                        timeout=aiohttp.ClientTimeout(total=DISCOVERY_TIMEOUT)) as response:
                 body = await response.read()
@@ -1298,7 +1354,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="uni-api", description="One OpenAI-compatible endpoint for many LLMs.")
     parser.add_argument("--config", help="api.yaml path or http(s) URL (default: $CONFIG_URL, then ./api.yaml)")
     parser.add_argument("--host", default=os.environ.get("HOST") or "0.0.0.0", help="bind address (default $HOST)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 8000), help="port (default $PORT)")
+    parser.add_argument("--port", type=int, default=os.environ.get("PORT") or "8000",  # a str default goes through
+                        help="port (default $PORT)")                                 # type=int: a bad $PORT errs
     parser.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     parser.add_argument("--version", action="store_true", help="print the version and active speedups")
     return parser.parse_args(argv)
