@@ -887,8 +887,11 @@ class TokenCache:
     async def _exchange(self, provider: Provider) -> str:
         extra, now = provider.extra, int(time.time())
         token_uri = extra.get("token_uri") or adapters.GOOGLE_TOKEN_URI
-        assertion = adapters.google_jwt_assertion(extra.get("client_email", ""),
-                                                  extra.get("private_key", "").replace("\\n", "\n"), token_uri, now)
+        try:
+            assertion = adapters.google_jwt_assertion(extra.get("client_email", ""),
+                                                      extra.get("private_key", "").replace("\\n", "\n"), token_uri, now)
+        except ValueError as exc:
+            raise UpstreamError(502, f"cannot sign the OAuth assertion: {exc}", retryable=True) from None
         form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
         with _transport_errors(30.0):
             async with self._session.post(token_uri, data=form, timeout=aiohttp.ClientTimeout(total=30)) as response:
@@ -897,7 +900,8 @@ class TokenCache:
             answer = adapters.loads(body) if response.status == 200 else {}
             token, lifetime = str(answer["access_token"]), float(answer.get("expires_in", 3600))
         except (KeyError, TypeError, ValueError):
-            raise UpstreamError(502, f"OAuth token exchange failed with HTTP {response.status}", retryable=True) from None
+            message = f"OAuth token exchange failed with HTTP {response.status}"
+            raise UpstreamError(502, message, retryable=True) from None
         self._tokens[provider.name] = (token, now + lifetime)
         return token
 

@@ -195,7 +195,8 @@ class FakeUpstream:
         response.content_type = reply.content_type or "text/event-stream"
         await response.prepare(request)
         pieces = reply.raw_chunks or [
-            b"data: " + (e.encode() if isinstance(e, str) else json.dumps(e).encode()) + b"\n\n" for e in reply.sse or []
+            b"data: " + (e.encode() if isinstance(e, str) else json.dumps(e).encode()) + b"\n\n"
+            for e in reply.sse or []
         ]
         for i, piece in enumerate(pieces):
             if reply.stall_after is not None and i >= reply.stall_after:
