@@ -51,9 +51,10 @@ def test_sync_client_streams_and_gets_done(upstream: FakeUpstream, make_gateway)
 async def test_async_client_streams_with_usage(upstream: FakeUpstream, make_gateway) -> None:
     gw = make_gateway(simple_config(upstream))
     upstream.enqueue(sse=chunks(["a", "b"], usage=True))
-    stream = await gw.async_client("sk-client").chat.completions.create(
-        model="gpt-4o", messages=USER, stream=True, stream_options={"include_usage": True})
-    received = [c async for c in stream]
+    async with gw.async_client("sk-client") as client:  # closed on this loop, not by a later test's GC
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=USER, stream=True, stream_options={"include_usage": True})
+        received = [c async for c in stream]
     assert received[-1].usage is not None and received[-1].usage.total_tokens == 7
     assert upstream.received[-1].json["stream_options"] == {"include_usage": True}
 
@@ -61,7 +62,8 @@ async def test_async_client_streams_with_usage(upstream: FakeUpstream, make_gate
 @pytest.mark.anyio
 async def test_async_client_non_stream(upstream: FakeUpstream, make_gateway) -> None:
     gw = make_gateway(simple_config(upstream))
-    answer = await gw.async_client("sk-client").chat.completions.create(model="gpt-4o", messages=USER)
+    async with gw.async_client("sk-client") as client:
+        answer = await client.chat.completions.create(model="gpt-4o", messages=USER)
     assert answer.choices[0].message.content == "echo: hi"
 
 
@@ -525,14 +527,14 @@ def test_concurrent_requests_get_their_own_answers(upstream: FakeUpstream, make_
     gw = make_gateway(simple_config(upstream))
 
     async def run() -> list[str]:
-        client = gw.async_client("sk-client")
+        async with gw.async_client("sk-client") as client:
 
-        async def one(i: int) -> str:
-            answer = await client.chat.completions.create(model="gpt-4o",
-                                                          messages=[{"role": "user", "content": f"m{i}"}])
-            return answer.choices[0].message.content or ""
+            async def one(i: int) -> str:
+                answer = await client.chat.completions.create(model="gpt-4o",
+                                                              messages=[{"role": "user", "content": f"m{i}"}])
+                return answer.choices[0].message.content or ""
 
-        return await asyncio.gather(*(one(i) for i in range(40)))
+            return await asyncio.gather(*(one(i) for i in range(40)))
 
     started = time.monotonic()
     assert asyncio.run(run()) == [f"echo: m{i}" for i in range(40)]
