@@ -266,9 +266,17 @@ def test_bedrock_error_bodies_give_their_message(body: bytes, status: int, messa
     assert (error.status, error.message) == (status, message)
 
 
-def test_bedrock_cannot_list_models_so_discovery_skips_it() -> None:
+def test_bedrock_lists_anthropic_models_on_the_control_plane_host() -> None:
+    # Bedrock API Reference, "ListFoundationModels": GET /foundation-models on bedrock.<region>, SigV4-signed.
+    request = BEDROCK.build_models_request(Target(provider(region="us-west-2"), "", now=NOW))
+    assert request.method == "GET"
+    assert request.url == "https://bedrock.us-west-2.amazonaws.com/foundation-models?byProvider=Anthropic"
+    expected = adapters.sign_aws_v4("GET", request.url, {}, b"", access_key="AKIDEXAMPLE", secret_key=SECRET,
+                                    region="us-west-2", service="bedrock", now=NOW)
+    assert request.headers["Authorization"] == expected["Authorization"]
+    assert BEDROCK.parse_models({"modelSummaries": [{"modelId": MODEL_ID, "providerName": "Anthropic"}]}) == [MODEL_ID]
     with pytest.raises(UpstreamError):
-        BEDROCK.build_models_request(provider(), "")
+        BEDROCK.parse_models({"models": []})
 
 
 # --- End to end through the gateway ---
@@ -308,6 +316,18 @@ def test_gateway_answers_bedrock_claude_through_the_openai_sdk(upstream: FakeUps
     assert_signed(received, upstream)
 
 
+def test_bedrock_without_model_list_discovers_models_at_startup(upstream: FakeUpstream,
+                                                               make_gateway: MakeGateway) -> None:
+    config = bedrock_config(upstream)
+    del config["providers"][0]["model"]
+    upstream.enqueue(Reply(json={"modelSummaries": [{"modelId": MODEL_ID, "providerName": "Anthropic"}]}))
+    gateway = make_gateway(config)
+    assert [m.id for m in gateway.client("sk-client").models.list()] == [MODEL_ID]
+    listing = upstream.received[0]
+    assert listing.path == "/foundation-models" and listing.query == {"byProvider": "Anthropic"}
+    assert "/us-west-2/bedrock/aws4_request" in listing.headers["Authorization"]
+
+
 def test_gateway_streams_bedrock_event_stream(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     data = b"".join(chunk_frame(event) for event in claude_events("tool_use_stream.upstream.sse"))
     pieces = [data[i:i + 50] for i in range(0, len(data), 50)]  # frames split across network writes
@@ -338,10 +358,11 @@ def test_gateway_passes_a_bedrock_validation_error_through(upstream: FakeUpstrea
     assert "roles must alternate" in caught.value.message
 
 
-def test_gateway_starts_with_a_bedrock_provider_that_lists_no_models(upstream: FakeUpstream,
-                                                                     make_gateway: MakeGateway) -> None:
+def test_gateway_starts_when_bedrock_refuses_to_list_its_models(upstream: FakeUpstream,
+                                                                make_gateway: MakeGateway) -> None:
     config = bedrock_config(upstream)
     del config["providers"][0]["model"]
+    upstream.enqueue(Reply(status=403, json={"message": "not authorized to perform bedrock:ListFoundationModels"}))
     gateway = make_gateway(config)
     assert gateway.client("sk-client").models.list().data == []
-    assert upstream.received == []  # no request was made for it
+    assert [r.path for r in upstream.received] == ["/foundation-models"]

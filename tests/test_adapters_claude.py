@@ -231,7 +231,7 @@ def test_claude_overrides_and_custom_headers_apply() -> None:
 def test_claude_urls_derive_from_base_url(base_url: str, chat: str, models: str) -> None:
     provider = Provider("c", "claude", base_url)
     assert CLAUDE.build_request({"messages": [USER]}, Target(provider, "m", "k")).url == chat
-    request = CLAUDE.build_models_request(provider, "k")
+    request = CLAUDE.build_models_request(Target(provider, "", "k"))
     assert (request.method, request.url) == ("GET", models)
     assert request.headers == {"x-api-key": "k", "anthropic-version": "2023-06-01"}
 

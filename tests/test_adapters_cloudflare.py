@@ -102,7 +102,7 @@ def test_cloudflare_without_account_id_fails_the_attempt() -> None:
 
 
 def test_cloudflare_models_request_searches_text_generation() -> None:
-    request = CLOUDFLARE.build_models_request(PROVIDER, "cf-secret")
+    request = CLOUDFLARE.build_models_request(adapters.Target(PROVIDER, "", "cf-secret"))
     assert request.method == "GET"
     assert request.url == (f"https://api.cloudflare.com/client/v4/accounts/{ACCOUNT}/ai/models/search"
                            "?task=Text%20Generation&per_page=100")

@@ -107,7 +107,7 @@ def test_cohere_rejects_content_it_cannot_carry() -> None:
 def test_cohere_urls_derive_from_base_url(base_url: str, chat: str, models: str) -> None:
     provider = adapters.Provider("co", "cohere", base_url)
     assert COHERE.build_request({"messages": []}, adapters.Target(provider, "m", "k")).url == chat
-    assert COHERE.build_models_request(provider, "k").url == models
+    assert COHERE.build_models_request(adapters.Target(provider, "", "k")).url == models
 
 
 # --- Response side ---

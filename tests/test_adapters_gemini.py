@@ -96,7 +96,7 @@ def test_gemini_urls_derive_from_base_url(base_url: str, chat: str, models: str)
     assert GEMINI.build_request(body, target("m", provider)).url == chat
     assert GEMINI.build_request({**body, "stream": True}, target("m", provider)).url == chat.replace(
         ":generateContent", ":streamGenerateContent?alt=sse")
-    assert GEMINI.build_models_request(provider, "AIza-gemini-secret").url == models
+    assert GEMINI.build_models_request(target("", provider)).url == models
 
 
 def test_gemini_key_travels_in_a_header_never_in_the_url() -> None:
@@ -104,7 +104,7 @@ def test_gemini_key_travels_in_a_header_never_in_the_url() -> None:
     request = GEMINI.build_request({"messages": [{"role": "user", "content": "hi"}]}, target("m", provider))
     assert "AIza" not in request.url and "key=" not in request.url
     assert request.headers == {"x-goog-api-key": "AIza-gemini-secret", "X-Trace": "1"}
-    assert GEMINI.build_models_request(provider, "AIza-gemini-secret").headers["x-goog-api-key"] == "AIza-gemini-secret"
+    assert GEMINI.build_models_request(target("", provider)).headers["x-goog-api-key"] == "AIza-gemini-secret"
 
 
 @pytest.mark.parametrize(("choice", "config"), [

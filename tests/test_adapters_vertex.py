@@ -105,7 +105,7 @@ def test_vertex_embeddings_use_predict() -> None:
 
 
 def test_vertex_lists_publisher_models() -> None:
-    request = VERTEX.build_models_request(provider(), "")
+    request = VERTEX.build_models_request(adapters.Target(provider(), ""))
     assert request.url == "https://us-central1-aiplatform.googleapis.com/v1beta1/publishers/google/models?pageSize=1000"
     assert VERTEX.parse_models(load("vertex_models.upstream.json")) == ["gemini-2.0-flash-001", "text-embedding-005"]
 

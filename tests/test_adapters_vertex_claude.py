@@ -59,9 +59,18 @@ def test_vertex_claude_body_carries_the_vertex_version_and_no_model() -> None:
     assert VERTEX.auth == "google-oauth"
 
 
-def test_vertex_claude_cannot_list_models_so_discovery_skips_it() -> None:
+def test_vertex_claude_lists_publisher_model_versions() -> None:
+    # REST "publishers.models.list" (v1beta1) with the version view: rawPredict wants `name@versionId`.
+    request = VERTEX.build_models_request(target(region="us-east5"))
+    assert request.url == ("https://us-east5-aiplatform.googleapis.com/v1beta1/publishers/anthropic/models"
+                           "?pageSize=1000&view=PUBLISHER_MODEL_VERSION_VIEW_BASIC")
+    assert request.headers == {"Authorization": "Bearer ya29.token"}
+    listing = {"publisherModels": [
+        {"name": "publishers/anthropic/models/claude-3-5-sonnet-v2", "versionId": "20241022"},
+        {"name": "publishers/anthropic/models/claude-3-haiku"}]}
+    assert VERTEX.parse_models(listing) == ["claude-3-5-sonnet-v2@20241022", "claude-3-haiku"]
     with pytest.raises(UpstreamError):
-        VERTEX.build_models_request(target().provider, "")
+        VERTEX.parse_models({"models": []})
 
 
 def test_vertex_claude_engine_is_inferred_for_claude_models_on_aiplatform() -> None:
@@ -91,6 +100,20 @@ def vertex_config(upstream: FakeUpstream, private_key: str) -> dict[str, Any]:
 
 
 TOKEN = Reply(json={"access_token": "ya29.from-exchange", "expires_in": 3599, "token_type": "Bearer"})
+
+
+def test_vertex_claude_without_model_list_discovers_models_with_the_token(
+        upstream: FakeUpstream, make_gateway: MakeGateway, private_key: str) -> None:
+    config = vertex_config(upstream, private_key)
+    del config["providers"][0]["model"]
+    upstream.enqueue(TOKEN)
+    upstream.enqueue(Reply(json={"publisherModels": [
+        {"name": "publishers/anthropic/models/claude-3-5-sonnet-v2", "versionId": "20241022"}]}))
+    gateway = make_gateway(config)
+    assert [m.id for m in gateway.client("sk-client").models.list()] == ["claude-3-5-sonnet-v2@20241022"]
+    token_request, listing = upstream.received
+    assert token_request.path == "/token" and listing.path == "/v1beta1/publishers/anthropic/models"
+    assert listing.headers["Authorization"] == "Bearer ya29.from-exchange"
 
 
 def test_gateway_answers_vertex_claude_with_an_exchanged_token(upstream: FakeUpstream, make_gateway: MakeGateway,
