@@ -309,8 +309,8 @@ class Adapter:
         payload = self.apply_overrides({**(body or {}), "model": target.upstream_model}, target)
         return UpstreamRequest("POST", url, headers, json=payload)
 
-    def build_models_request(self, provider: Provider, api_key: str) -> UpstreamRequest:
-        target = Target(provider, "", api_key)
+    def build_models_request(self, target: Target) -> UpstreamRequest:
+        """The provider's model listing, for startup discovery; `target.upstream_model` is empty."""
         return UpstreamRequest("GET", self.url("models", {}, target), self.headers(target))
 
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
@@ -823,9 +823,9 @@ class VertexClaudeAdapter(ClaudeAdapter):
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
         extra = target.provider.extra
         region = extra.get("region") or "global"
-        root = target.provider.base_url.rstrip("/")
-        if root == self.default_base_url and region != "global":
-            root = f"https://{region}-aiplatform.googleapis.com"
+        root = vertex_root(target.provider.base_url, region)
+        if endpoint == "models":  # "publishers.models.list" (v1beta1); the version view names `@date` versions
+            return f"{root}/v1beta1/publishers/anthropic/models?pageSize=1000&view=PUBLISHER_MODEL_VERSION_VIEW_BASIC"
         method = "streamRawPredict" if body.get("stream") else "rawPredict"
         return (f"{root}/v1/projects/{extra.get('project_id', '')}/locations/{region}"
                 f"/publishers/anthropic/models/{target.upstream_model}:{method}")
@@ -838,10 +838,14 @@ class VertexClaudeAdapter(ClaudeAdapter):
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}  # the model is in the URL
 
-    def build_models_request(self, provider: Provider, api_key: str) -> UpstreamRequest:
-        # Vertex's publisher-model listing names no callable versions (`claude-...@date`) and needs the OAuth
-        # token, which discovery does not have: list the models under `model:` instead.
-        raise UpstreamError(501, "vertex-claude cannot list its models; name them under `model:`")
+    def parse_models(self, native: Any) -> list[str]:
+        """{"publisherModels": [{"name": "publishers/anthropic/models/claude-3-5-sonnet-v2", "versionId":
+        "20241022"}]}: rawPredict wants `name@version`."""
+        models = native.get("publisherModels") if isinstance(native, Mapping) else None
+        if not isinstance(models, list):
+            raise UpstreamError(502, "models list has no publisherModels array")
+        return [str(m["name"]).rsplit("/", 1)[-1] + (f"@{m['versionId']}" if m.get("versionId") else "")
+                for m in models if isinstance(m, Mapping) and "name" in m]
 
 
 # Anthropic section, continued. AWS: Signature Version 4, event-stream framing, Bedrock.
@@ -1004,10 +1008,25 @@ class BedrockAdapter(ClaudeAdapter):
         # Bedrock errors are {"message": ...}, some (AccessDenied) spelled {"Message": ...}.
         return super().parse_error(status, body.replace(b'"Message":', b'"message":', 1), retry_after)
 
-    def build_models_request(self, provider: Provider, api_key: str) -> UpstreamRequest:
-        # ListFoundationModels lives on another host (bedrock.<region>) and needs a SigV4 clock that discovery
-        # does not pass: list the models under `model:` instead.
-        raise UpstreamError(501, "aws cannot list its models; name them under `model:`")
+    def build_models_request(self, target: Target) -> UpstreamRequest:
+        """ListFoundationModels (Bedrock API Reference): the control-plane host `bedrock.<region>`, Anthropic's
+        models only, SigV4-signed like every call; a user-given base_url is used as-is."""
+        extra, provider = target.provider.extra, target.provider
+        root = provider.base_url.rstrip("/")
+        if root == self.default_base_url or "bedrock-runtime." in root:
+            root = f"https://bedrock.{self.region(provider)}.amazonaws.com"
+        url = f"{root}/foundation-models?byProvider=Anthropic"
+        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra.get("aws_access_key", ""),
+                              secret_key=extra.get("aws_secret_key", ""), region=self.region(provider),
+                              service="bedrock", now=target.now)
+        return UpstreamRequest("GET", url, headers)
+
+    def parse_models(self, native: Any) -> list[str]:
+        """{"modelSummaries": [{"modelId": "anthropic.claude-3-5-sonnet-20241022-v2:0", ...}]}"""
+        models = native.get("modelSummaries") if isinstance(native, Mapping) else None
+        if not isinstance(models, list):
+            raise UpstreamError(502, "models list has no modelSummaries array")
+        return [str(m["modelId"]) for m in models if isinstance(m, Mapping) and "modelId" in m]
 
 
 _CLAUDE_ADAPTERS: Final[tuple[Adapter, ...]] = (ClaudeAdapter(), VertexClaudeAdapter(), BedrockAdapter())

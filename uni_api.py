@@ -1279,13 +1279,16 @@ async def render_error(request: Request, exc: Exception) -> Response:
 # --- App ---
 
 
-async def discover_models(config: Config, session: aiohttp.ClientSession) -> dict[str, tuple[tuple[str, str], ...]]:
+async def discover_models(config: Config, session: aiohttp.ClientSession,
+                          tokens: TokenCache) -> dict[str, tuple[tuple[str, str], ...]]:
     """Model lists of providers without `model:`, from their models endpoint; a failure is a warning."""
 
     async def one(provider: Provider) -> tuple[str, tuple[tuple[str, str], ...]]:
         adapter = ADAPTERS[provider.engine]
         try:  # an adapter that cannot list models raises UpstreamError from build_models_request
-            request = adapter.build_models_request(provider, provider.api_keys[0] if provider.api_keys else "")
+            token = await tokens.get(provider) if adapter.auth == "google-oauth" else None
+            target = Target(provider, "", provider.api_keys[0] if provider.api_keys else "", token, time.time())
+            request = adapter.build_models_request(target)
             async with session.request(request.method, request.url, headers=dict(request.headers),
                                        timeout=aiohttp.ClientTimeout(total=DISCOVERY_TIMEOUT)) as response:
                 body = await response.read()
@@ -1318,8 +1321,9 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None) -> Starlet
         proxies = {p.proxy for p in config.policies.values() if p.proxy and p.proxy.startswith("socks")}
         socks = {proxy: _socks_session(proxy) for proxy in proxies}
         try:
-            routes, known = build_routes(config, await discover_models(config, session), int(time.time()))
-            gateway = Gateway(config, routes, known, scheduler or Scheduler(), session, TokenCache(session), socks)
+            tokens = TokenCache(session)
+            routes, known = build_routes(config, await discover_models(config, session, tokens), int(time.time()))
+            gateway = Gateway(config, routes, known, scheduler or Scheduler(), session, tokens, socks)
             app.state.gateway = gateway
             yield {"gateway": gateway}
         finally:
