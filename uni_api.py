@@ -1030,7 +1030,7 @@ def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str,
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         if endpoint not in adapter.endpoints:
-            raise UpstreamError(404, f"engine {adapter.engine} does not serve this endpoint", retryable=True)
+            raise _NotServed(404, f"engine {adapter.engine} does not serve this endpoint", retryable=True)
         policy = gw.config.policies[channel.provider]
         response = await _open(gw, policy, adapter.build_endpoint_request(endpoint, body, target, form), timeout)
         try:
@@ -1098,6 +1098,10 @@ class _OutOfTime(UpstreamError):
     """The request's time cap ended an attempt: the channel did not fail on its own terms, so it is not cooled."""
 
 
+class _NotServed(UpstreamError):
+    """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
+
+
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send) -> Response:
     """Try the key's channels for `model` in scheduled order, each key of a channel at most once."""
     channels = channels_for(gw, key, model)
@@ -1139,6 +1143,8 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
                                code="upstream_error")
         if isinstance(outcome, _OutOfTime):
             budget.attempts = 0
+        elif isinstance(outcome, _NotServed):
+            budget.attempts += 1  # nothing was sent upstream
         elif outcome.status in _KEY_FAILURES and index >= 0:
             gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
             continue

@@ -574,3 +574,20 @@ def test_http_proxy_of_the_provider_carries_the_request(upstream: FakeUpstream, 
         assert seen == [f"{upstream.url}/v1/chat/completions"]
     finally:
         server_loop.run(runner.cleanup())
+
+
+def test_channel_without_the_endpoint_is_skipped_without_cooling(make_upstream, make_gateway) -> None:
+    claude, openai_up = make_upstream(), make_upstream()
+    config = simple_config(openai_up, models=["shared"])
+    config["providers"][0]["preferences"]["cooldown_period"] = 300
+    config["providers"].insert(0, {"provider": "anthropic", "base_url": f"{claude.url}/v1/messages", "api": "sk-ant",
+                                   "engine": "claude", "model": ["shared"], "preferences": {"cooldown_period": 300}})
+    config["api_keys"][0]["preferences"] = {"AUTO_RETRY": 1}
+    gw = make_gateway(config)
+    client = gw.client("sk-client")
+    assert client.embeddings.create(model="shared", input="x").data[0].embedding == [0.1, 0.2]
+    assert not claude.received and openai_up.received[-1].path == "/v1/embeddings"
+    claude.enqueue(json={"id": "msg_1", "type": "message", "role": "assistant", "model": "shared", "content": [
+        {"type": "text", "text": "from claude"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 2}})
+    assert client.chat.completions.create(model="shared", messages=USER).choices[0].message.content == "from claude"
