@@ -120,14 +120,18 @@ PASSTHROUGH_STATUSES: Final = frozenset({400, 413, 422})
 
 async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
     """Frame a byte stream into events: tolerant of split chunks, CRLF, comments and multi-line data."""
-    buffer, event = b"", "message"
+    buffer, event = bytearray(), "message"
     data: list[str] = []
     async for chunk in chunks:
         buffer += chunk
         if b"\n" not in chunk:
+            if len(buffer) > SSE_LINE_LIMIT:  # a line that never ends must not hold memory without bound
+                raise _line_too_long()
             continue
         *lines, buffer = buffer.split(b"\n")
         for raw in lines:
+            if len(raw) > SSE_LINE_LIMIT:
+                raise _line_too_long()
             line = raw.rstrip(b"\r").decode("utf-8", "replace")
             if not line:  # a blank line ends one event
                 if data:
@@ -143,6 +147,13 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
                 elif name == "event":
                     event = value
     # An event without its closing blank line at EOF is dropped, as the SSE specification requires.
+
+
+SSE_LINE_LIMIT: Final = 64 * 1024 * 1024  # as uni_api's limit on a whole non-stream answer
+
+
+def _line_too_long() -> UpstreamError:
+    return UpstreamError(502, f"upstream sent a stream line longer than {SSE_LINE_LIMIT} bytes")
 
 
 def sse_frame(obj: Any) -> bytes:
@@ -324,8 +335,10 @@ class Adapter:
         return headers
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
-        """Forward every field, unknown ones too, with the upstream model name."""
+        """Forward every field, unknown ones too, with the upstream model name; streams ask for usage."""
         payload = {**body, "model": target.upstream_model}
+        if payload.get("stream"):  # the gateway counts tokens; it drops the usage chunk if the client did not ask
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         if not target.provider.tools:
             for name in _TOOL_FIELDS:
                 payload.pop(name, None)
@@ -393,7 +406,7 @@ class Adapter:
 def _load_event(event: SSEEvent) -> dict[str, Any]:
     try:
         chunk = loads(event.data)
-    except (JSONDecodeError, ValueError) as exc:
+    except (JSONDecodeError, ValueError, RecursionError) as exc:
         raise UpstreamError(502, f"upstream sent a malformed stream event: {exc}") from None
     if not isinstance(chunk, dict):
         raise UpstreamError(502, "upstream sent a stream event that is not an object")
@@ -2031,6 +2044,384 @@ _OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = (CohereAdapter(), CloudflareAdapte
 ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(
     {a.engine: a for a in (*_OPENAI_ADAPTERS, *_CLAUDE_ADAPTERS, *_GOOGLE_ADAPTERS, *_OTHER_ADAPTERS)}
 )
+
+# --- Anthropic Messages inbound ---
+# Clients of Anthropic's Messages API (Claude Code, the anthropic SDKs) reach every channel: a channel speaking that
+# API gets the body as sent (MESSAGES_PASSTHROUGH); for any other the request becomes an OpenAI chat request and
+# the answer an Anthropic message or event stream. Anthropic API reference: "Messages" (request and Message
+# shapes), "Streaming Messages" (the event flow), "Handling stop reasons", "Errors", "Token counting".
+
+import re  # noqa: E402  (kept in this section, as the adapter sections do)
+
+# OpenAI finish_reason -> Messages stop_reason: the Claude table read backwards, its first name for each winning.
+_MESSAGES_STOP_REASONS: Final[Mapping[str, str]] = MappingProxyType(
+    {finish: reason for reason, finish in reversed(_CLAUDE_STOP_REASONS.items())} | {"function_call": "tool_use"}
+)
+_MESSAGES_TOOL_CHOICES: Final[Mapping[str, str]] = MappingProxyType({v: k for k, v in _CLAUDE_TOOL_CHOICES.items()})
+# "Errors": HTTP status -> error.type, the Claude table read backwards; 503 (every channel busy) is overloaded.
+_MESSAGES_ERROR_TYPES: Final[Mapping[int, str]] = MappingProxyType(
+    {status: kind for kind, status in _CLAUDE_ERROR_STATUS.items()} | {503: "overloaded_error"}
+)
+# "Streaming Messages": the event types; Bedrock's frames carry no event name, so theirs comes from the data.
+_MESSAGES_EVENTS: Final = frozenset({"message_start", "message_delta", "message_stop", "content_block_start",
+                                     "content_block_delta", "content_block_stop", "ping", "error"})
+_MESSAGES_EMPTY_BLOCKS: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({
+    "thinking": MappingProxyType({"type": "thinking", "thinking": "", "signature": ""}),
+    "text": MappingProxyType({"type": "text", "text": ""}),
+})
+# "Vision": an image costs about width * height / 750 tokens, at most about 1,600; counted as 4 characters each.
+_IMAGE_TOKEN_ESTIMATE: Final = 1600
+_MODEL_FIELD: Final = re.compile(rb'("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def messages_error_body(message: str, status: int) -> dict[str, Any]:
+    """Anthropic's error shape ("Errors"), its type named for the HTTP status."""
+    kind = _MESSAGES_ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _media_url(source: Mapping[str, Any]) -> str:
+    if source.get("type") == "url":
+        return str(source.get("url") or "")
+    return f"data:{source.get('media_type')};base64,{source.get('data')}"
+
+
+def _from_claude_image(block: Mapping[str, Any]) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": _media_url(block.get("source") or {})}}
+
+
+def _from_claude_document(block: Mapping[str, Any]) -> dict[str, Any]:
+    source = block.get("source") or {}
+    if source.get("type") == "text":
+        return {"type": "text", "text": str(source.get("data") or "")}
+    if source.get("type") != "base64":
+        raise UpstreamError(400, "only base64 and text documents convert to other engines", retryable=True)
+    return {"type": "file", "file": {"file_data": _media_url(source)}}
+
+
+_FROM_CLAUDE_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = MappingProxyType({
+    "text": lambda block: {"type": "text", "text": str(block.get("text") or "")},
+    "image": _from_claude_image,
+    "document": _from_claude_document,
+})
+
+
+def _from_claude_part(block: Mapping[str, Any]) -> dict[str, Any]:
+    convert = _FROM_CLAUDE_PARTS.get(block.get("type"))
+    if convert is None:  # retryable: a channel speaking the Messages API may take it
+        raise UpstreamError(400, f"'{block.get('type')}' content converts to no other engine", retryable=True)
+    return convert(block)
+
+
+def _from_claude_tool_result(block: Mapping[str, Any], media: list[dict[str, Any]]) -> dict[str, Any]:
+    """A tool message with the result's text; its images go to `media`, since tool messages carry text only."""
+    content = block.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else [
+        b for b in (content if isinstance(content, list) else ()) if isinstance(b, Mapping)]
+    text = "\n".join(str(b.get("text") or "") for b in blocks if b.get("type") == "text")
+    media += [_from_claude_part(b) for b in blocks if b.get("type") != "text"]
+    return {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text}
+
+
+def _from_claude_user(content: Any) -> list[dict[str, Any]]:
+    """tool_result blocks come first as tool messages (OpenAI wants them right after the calls), then the rest."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    parts: list[dict[str, Any]] = []
+    messages = [_from_claude_tool_result(b, parts) for b in content if b.get("type") == "tool_result"]
+    parts += [_from_claude_part(b) for b in content if b.get("type") != "tool_result"]
+    return [*messages, {"role": "user", "content": parts}] if parts else messages
+
+
+def _from_claude_assistant(content: Any) -> list[dict[str, Any]]:
+    """Text and tool_use blocks; thinking blocks stay behind (their signatures mean nothing to other engines)."""
+    if isinstance(content, str):
+        return [{"role": "assistant", "content": content}]
+    text = "".join(str(b.get("text") or "") for b in content if b.get("type") == "text")
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    calls = [_claude_tool_call(b) for b in content if b.get("type") == "tool_use"]
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+def _from_claude_system(system: Any) -> list[dict[str, Any]]:
+    if isinstance(system, list):  # text blocks; cache_control has no meaning elsewhere
+        system = "\n".join(str(b.get("text") or "") for b in system if b.get("type") == "text")
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _from_claude_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if "input_schema" not in tool:  # server tools (web_search_..., bash_...) run only on Anthropic's side
+        raise UpstreamError(400, f"tool type '{tool.get('type')}' needs a Claude channel", retryable=True)
+    function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def _add_openai_tools(request: dict[str, Any], body: Mapping[str, Any]) -> None:
+    """tools, and "Tool use" tool_choice auto / any / tool / none, disable_parallel_tool_use included."""
+    if not body.get("tools"):
+        return
+    request["tools"] = [_from_claude_tool(tool) for tool in body["tools"]]
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping):
+        kind = choice.get("type")
+        named = {"type": "function", "function": {"name": choice.get("name")}}
+        request["tool_choice"] = named if kind == "tool" else _MESSAGES_TOOL_CHOICES.get(kind, "auto")
+        if choice.get("disable_parallel_tool_use"):
+            request["parallel_tool_calls"] = False
+
+
+def _reasoning_effort(body: Mapping[str, Any]) -> str | None:
+    """output_config.effort (xhigh and max as OpenAI's highest, high), else an "Extended thinking" budget_tokens as
+    the largest effort whose Claude budget it reaches; adaptive thinking alone leaves the target's default."""
+    effort = (body.get("output_config") or {}).get("effort")
+    if effort:
+        return effort if effort in _CLAUDE_THINKING_BUDGETS else "high"
+    thinking = body.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens") or 0
+    reached = [effort for effort, tokens in _CLAUDE_THINKING_BUDGETS.items() if tokens <= budget]
+    return reached[-1] if reached else "low"
+
+
+def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """"Structured outputs": output_config.format {type: json_schema, schema} as OpenAI's response_format."""
+    output = (body.get("output_config") or {}).get("format")
+    if not isinstance(output, Mapping) or output.get("type") != "json_schema":
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": output.get("schema") or {}}}
+
+
+def from_messages_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Messages API request as an OpenAI chat request, the model still the client's alias."""
+    messages = _from_claude_system(body.get("system"))
+    for message in body.get("messages") or ():
+        convert = _from_claude_assistant if message.get("role") == "assistant" else _from_claude_user
+        messages += convert(message.get("content"))
+    request: dict[str, Any] = {"model": body.get("model"), "messages": messages}
+    request.update({name: body[name] for name in ("max_tokens", "temperature", "top_p") if body.get(name) is not None})
+    if body.get("stop_sequences"):
+        request["stop"] = list(body["stop_sequences"])
+    _add_openai_tools(request, body)
+    effort, response_format = _reasoning_effort(body), _response_format(body)
+    if effort:
+        request["reasoning_effort"] = effort
+    if response_format:
+        request["response_format"] = response_format
+    if body.get("stream"):  # usage arrives only at the end of an OpenAI stream, and only when asked for
+        request.update(stream=True, stream_options={"include_usage": True})
+    return request
+
+
+def to_messages_usage(usage: Any) -> dict[str, Any]:
+    """CompletionUsage as Messages usage: input_tokens leaves out the cache reads, which are counted apart."""
+    usage = usage if isinstance(usage, Mapping) else {}
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return {"input_tokens": max(0, int(usage.get("prompt_tokens") or 0) - cached),
+            "output_tokens": int(usage.get("completion_tokens") or 0),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
+def _messages_stop(choice: Mapping[str, Any], called: bool, stop_sequences: tuple[str, ...]) -> tuple[str, str | None]:
+    """"Handling stop reasons": (stop_reason, stop_sequence). Only some servers name the stop string that matched
+    (vLLM `stop_reason`, SGLang `matched_stop`); a plain `stop` after tool calls is a tool_use stop."""
+    matched = choice.get("stop_reason") or choice.get("matched_stop")
+    if isinstance(matched, str) and matched in stop_sequences:
+        return "stop_sequence", matched
+    finish = choice.get("finish_reason")
+    if called and finish in ("stop", None):
+        return "tool_use", None
+    return _MESSAGES_STOP_REASONS.get(finish or "", "end_turn"), None
+
+
+def _thinking_of(message: Mapping[str, Any]) -> Any:
+    return message.get("reasoning_content") or message.get("reasoning")  # the latter: OpenRouter's name
+
+
+def _tool_input(arguments: Any) -> dict[str, Any]:
+    try:
+        return _claude_tool_input(arguments)
+    except UpstreamError:  # a model's malformed arguments: Message.tool_use.input must still be an object
+        return {}
+
+
+def to_messages_response(completion: Mapping[str, Any], model: str,
+                         stop_sequences: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An OpenAI chat.completion as a Message: thinking, text, then tool_use blocks."""
+    choice = (completion.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    if isinstance(_thinking_of(message), str):
+        content.append({"type": "thinking", "thinking": _thinking_of(message), "signature": ""})
+    text = message.get("content") or message.get("refusal")
+    if text:
+        content.append({"type": "text", "text": text if isinstance(text, str) else _text_of(text)})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": function.get("name"),
+                        "input": _tool_input(function.get("arguments"))})
+    stop_reason, stop_sequence = _messages_stop(choice, bool(message.get("tool_calls")), stop_sequences)
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": to_messages_usage(completion.get("usage"))}
+
+
+@dataclass
+class _MessagesStream:
+    """OpenAI chunks becoming "Streaming Messages" events: one block open at a time, indexes in order."""
+
+    model: str
+    stop_sequences: tuple[str, ...] = ()
+    index: int = -1  # the open (or last) block's index
+    kind: str | None = None  # "thinking", "text" or "tool_use" while a block is open
+    tool: int | None = None  # OpenAI tool_calls index of the open tool_use block
+    called: bool = False
+    finish: Mapping[str, Any] = field(default_factory=dict)  # the choice that carried finish_reason
+    usage: Any = None
+
+    def start(self) -> dict[str, Any]:
+        message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+        return {"type": "message_start", "message": message}
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [{"type": "content_block_stop", "index": self.index}]
+
+    def open(self, kind: str, block: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self.close()
+        self.kind, self.index = kind, self.index + 1
+        return [*events, {"type": "content_block_start", "index": self.index, "content_block": block}]
+
+    def delta(self, kind: str, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self.open(kind, dict(_MESSAGES_EMPTY_BLOCKS[kind])) if self.kind != kind else []
+        return [*events, {"type": "content_block_delta", "index": self.index, "delta": delta}]
+
+    def tool_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A call's first delta (another index) opens its block; OpenAI streams calls one after another."""
+        function = call.get("function") or {}
+        events: list[dict[str, Any]] = []
+        if self.kind != "tool_use" or call.get("index", self.tool) != self.tool:
+            block = {"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": function.get("name") or "",
+                     "input": {}}
+            events, self.tool, self.called = self.open("tool_use", block), call.get("index", 0), True
+        if function.get("arguments"):
+            events.append({"type": "content_block_delta", "index": self.index,
+                           "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
+        return events
+
+    def on_chunk(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self.usage = chunk.get("usage") or self.usage
+        events: list[dict[str, Any]] = []
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # a Message is one answer
+            delta = choice.get("delta") or {}
+            if isinstance(_thinking_of(delta), str) and _thinking_of(delta):
+                events += self.delta("thinking", {"type": "thinking_delta", "thinking": _thinking_of(delta)})
+            if delta.get("content"):
+                events += self.delta("text", {"type": "text_delta", "text": delta["content"]})
+            for call in delta.get("tool_calls") or ():
+                events += self.tool_delta(call)
+            self.finish = choice if choice.get("finish_reason") else self.finish
+        return events
+
+    def end(self) -> list[dict[str, Any]]:
+        stop_reason, stop_sequence = _messages_stop(self.finish, self.called, self.stop_sequences)
+        return [*self.close(), {"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                                    "stop_sequence": stop_sequence},
+                                "usage": to_messages_usage(self.usage)}, {"type": "message_stop"}]
+
+
+async def iter_messages_events(chunks: AsyncIterator[dict[str, Any]], model: str,
+                             stop_sequences: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI chunks as the "Streaming Messages" flow: message_start, content_block_start / _delta / _stop per
+    block, message_delta with stop_reason and usage, message_stop."""
+    state = _MessagesStream(model, stop_sequences)
+    yield state.start()
+    async for chunk in chunks:
+        for event in state.on_chunk(chunk):
+            yield event
+    for event in state.end():
+        yield event
+
+
+def rename_model(raw: bytes, model: str) -> bytes:
+    """`raw` JSON with its first "model" value (the Message's own, which precedes its content) set to `model`,
+    every other byte as the upstream sent it."""
+    return _MODEL_FIELD.sub(lambda match: match.group(1) + dumps(model), raw, count=1)
+
+
+def messages_event_name(event: SSEEvent) -> str:
+    """The event's type: its SSE name, or for Bedrock's unnamed frames the `type` in its data."""
+    return event.event if event.event in _MESSAGES_EVENTS else str(_load_event(event).get("type") or "message")
+
+
+def first_messages_event(event: SSEEvent) -> str:
+    """messages_event_name of a stream's first event; an error there fails the attempt, so another channel can try."""
+    name = messages_event_name(event)
+    if name == "error":
+        raise _claude_error(_load_event(event))
+    return name
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        if value.get("type") == "base64":
+            return _IMAGE_TOKEN_ESTIMATE * 4
+        return sum(len(str(key)) + _text_length(item) for key, item in value.items())
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    return 0 if value is None else len(str(value))
+
+
+def estimate_input_tokens(body: Mapping[str, Any]) -> int:
+    """"Token counting" for channels that cannot count: about 4 characters per token over the text of system,
+    messages and tools; base64 media count as one full-size image each."""
+    chars = _text_length([body.get("system"), body.get("messages"), body.get("tools")])
+    return max(1, -(-chars // 4))
+
+
+class MessagesAdapter(ClaudeAdapter):
+    """A Messages API body sent as it came: only the engine's envelope changes (the model, or for Vertex and
+    Bedrock anthropic_version in its place). The variants below inherit it."""
+
+    client_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)  # forwarded from the client
+    counts_tokens: ClassVar[bool] = True
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        stripped = ("model",) if target.provider.tools else ("model", "tools", "tool_choice")
+        request = {name: value for name, value in body.items() if name not in stripped}
+        return self.apply_overrides(self.envelope(request, target), target)
+
+    def build_count_tokens_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
+        """"Count tokens in a Message": POST /v1/messages/count_tokens with the body and the upstream model."""
+        url = _claude_root(target.provider.base_url) + "/messages/count_tokens"
+        return UpstreamRequest("POST", url, self.headers(target), json={**body, "model": target.upstream_model})
+
+
+class VertexMessagesAdapter(MessagesAdapter, VertexClaudeAdapter):
+    client_headers = ()
+    counts_tokens = False
+
+
+class BedrockMessagesAdapter(MessagesAdapter, BedrockAdapter):
+    client_headers = ()  # headers are signed; Bedrock takes betas in the body (anthropic_beta)
+    counts_tokens = False
+
+
+MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(
+    {a.engine: a for a in (MessagesAdapter(), VertexMessagesAdapter(), BedrockMessagesAdapter())}
+)
+COUNTING_ENGINES: Final = frozenset(engine for engine, a in MESSAGES_PASSTHROUGH.items() if a.counts_tokens)
 
 # --- Engine inference ---
 

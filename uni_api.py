@@ -10,18 +10,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import contextlib
 import datetime
 import hashlib
 import hmac
+import html
 import importlib.util
 import logging
 import math
 import os
 import re
+import signal
+import sqlite3
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -35,8 +42,9 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import adapters
@@ -69,6 +77,8 @@ STRATEGY_NAMES: Final = ("fixed_priority", "round_robin", "weighted_round_robin"
 KEY_STRATEGY_NAMES: Final = ("round_robin", "random", "fixed_priority")
 PROXY_SCHEMES: Final = ("http", "https", "socks4", "socks5", "socks5h")
 SPEEDUPS: Final = ("uvloop", "httptools", "orjson")
+MODERATION_MODELS: Final = ("omni-moderation-latest", "text-moderation-latest")  # ENABLE_MODERATION's, in order
+CONFIG_POLL_SECONDS: Final = 2.0  # how often a local config file's mtime and size are checked
 
 logger = logging.getLogger("uni_api")
 
@@ -359,7 +369,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         raise root.error("missing required key 'api_keys' (a list with at least one key)")
     _check_key_references(keys, root)
     triggers = tuple(str(t) for t in prefs.get("error_triggers", list, []))
-    return Config(
+    config = Config(
         source=source,
         providers=MappingProxyType(providers),
         policies=MappingProxyType(policies),
@@ -373,6 +383,8 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
     )
+    _check_moderation_rules(config, entries)
+    return config
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -620,16 +632,27 @@ async def fetch_text(url: str, *, limit: int = CONFIG_FETCH_LIMIT, timeout: floa
 
 def load_config(source: str) -> Config:
     """Read a config from a path or an http(s) URL and parse it."""
-    if source.startswith(("http://", "https://")):
-        text = asyncio.run(fetch_text(source))
-    else:
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{source}: cannot read the config: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{source}: cannot read the config: not UTF-8 text ({exc.reason})") from None
+    text = asyncio.run(fetch_text(source)) if _is_url(source) else read_config_file(source)
     return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+
+
+async def reload_config(source: str) -> Config:
+    """load_config for a running loop: the file is read off the loop."""
+    text = await fetch_text(source) if _is_url(source) else await asyncio.to_thread(read_config_file, source)
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def read_config_file(source: str) -> str:
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: cannot read the config: not UTF-8 text ({exc.reason})") from None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -646,6 +669,7 @@ def _env_float(name: str, default: float) -> float:
 class KeyRoutes:
     channels: Mapping[str, tuple[Channel, ...]]  # alias -> channels in rule order
     models_body: bytes  # the /v1/models answer, built once
+    moderation_model: str | None = None  # the first of MODERATION_MODELS this key reaches
 
 
 def build_routes(config: Config, discovered: Mapping[str, tuple[tuple[str, str], ...]],
@@ -670,7 +694,8 @@ def build_routes(config: Config, discovered: Mapping[str, tuple[tuple[str, str],
         body = adapters.dumps({"object": "list", "data": [
             {"id": alias, "object": "model", "created": created, "owned_by": owner} for alias, owner in owners.items()
         ]})
-        routes[key.token] = KeyRoutes(MappingProxyType({a: tuple(c) for a, c in table.items()}), body)
+        routes[key.token] = KeyRoutes(MappingProxyType({a: tuple(c) for a, c in table.items()}), body,
+                                      next((m for m in MODERATION_MODELS if m in table), None))
     known = frozenset(alias for pairs in models.values() for alias, _ in pairs)
     return MappingProxyType(routes), known
 
@@ -712,6 +737,15 @@ def authenticate(request: Request, config: Config) -> ApiKey:
     token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
     if not token:
         raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+    key = find_key(config, token)
+    record: RequestRecord | None = getattr(request.state, "record", None)
+    if record is not None:  # the request log names the key (by its prefix) on every route
+        record.key = key
+    return key
+
+
+def find_key(config: Config, token: str) -> ApiKey:
+    """The client key `token`, looked up by digest and compared in constant time."""
     key = config.keys_by_digest.get(_digest(token))
     if key is None or not hmac.compare_digest(key.token.encode(), token.encode()):
         raise InvalidApiKey("Invalid API key.")
@@ -738,6 +772,8 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = adapters.loads(body)
     except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError):
         raise InvalidRequest("Request body is not valid JSON.") from None
+    except RecursionError:  # the stdlib parser recurses per nesting level
+        raise InvalidRequest("Request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     return data
@@ -786,12 +822,416 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[tuple[str, Any], ..
     return tuple(fields)
 
 
+# --- Stats ---
+# Requests are recorded off the request path: the flow fills a RequestRecord, the request log middleware hands the
+# finished record to Stats.record (a deque append plus a few counter increments), and a background task writes
+# batches to SQLite through asyncio.to_thread. Reads use their own connection, also off the event loop.
+
+STATS_FLUSH_INTERVAL: Final = 1.0
+STATS_FLUSH_BATCH: Final = 256
+STATS_PRUNE_INTERVAL: Final = 86400.0
+DEFAULT_DB_PATH: Final = "./data/stats.db"
+DEFAULT_RETENTION_DAYS: Final = 30.0
+LATENCY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_TRUE_WORDS: Final = ("1", "true", "yes", "on")
+
+# Each version's statements, applied in order from the file's PRAGMA user_version up, each in one transaction.
+# v1: requests and attempts; v2: request ids on both, a key fingerprint (for "own usage" queries) and cached tokens.
+_MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = MappingProxyType({
+    1: ("CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,"
+        " provider TEXT NOT NULL, upstream_model TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,"
+        " total_ms REAL NOT NULL, first_byte_ms REAL, prompt_tokens INTEGER NOT NULL DEFAULT 0,"
+        " completion_tokens INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
+        " client_ip TEXT NOT NULL DEFAULT '')",
+        "CREATE TABLE attempts (id INTEGER PRIMARY KEY, time REAL NOT NULL, provider TEXT NOT NULL,"
+        " model TEXT NOT NULL, key_index INTEGER NOT NULL, status INTEGER NOT NULL, ms REAL NOT NULL)",
+        "CREATE INDEX requests_time ON requests (time)",
+        "CREATE INDEX attempts_time ON attempts (time)"),
+    2: ("ALTER TABLE requests ADD COLUMN request_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE requests ADD COLUMN key_hash TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE attempts ADD COLUMN request_id TEXT NOT NULL DEFAULT ''"),
+})
+SCHEMA_VERSION: Final = max(_MIGRATIONS)
+
+
+class StatsError(Exception):
+    """The statistics database cannot be opened or is newer than this program."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsOptions:
+    """Where statistics go. `path=None` keeps only the in-memory metrics; retention 0 keeps rows forever."""
+
+    path: str | None = None
+    retention_days: float = DEFAULT_RETENTION_DAYS
+
+    @classmethod
+    def from_env(cls) -> StatsOptions:
+        """`DISABLE_DATABASE`, `DB_PATH` and `STATS_RETENTION_DAYS`, read once at startup."""
+        if os.environ.get("DISABLE_DATABASE", "").lower() in _TRUE_WORDS:
+            return cls(None)
+        return cls(os.environ.get("DB_PATH") or DEFAULT_DB_PATH,
+                   max(0.0, _env_float("STATS_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)))
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did: made by the request log middleware, filled in by the flow, recorded when it ends."""
+
+    request_id: str
+    endpoint: str  # "POST /v1/chat/completions", as uni-api's stats name endpoints
+    client_ip: str
+    started: float = field(default_factory=time.perf_counter)
+    wall: float = field(default_factory=time.time)
+    key: ApiKey | None = None
+    model: str = ""
+    provider: str = ""
+    upstream_model: str = ""
+    status: int = 0
+    total_ms: float = 0.0
+    first_byte_ms: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    attempts: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # provider, model, key, status, ms
+
+    def add_attempt(self, channel: Channel, index: int, status: int, ms: float) -> None:
+        self.provider, self.upstream_model = channel.provider, channel.upstream_model
+        self.attempts.append((channel.provider, channel.upstream_model, index, status, ms))
+
+    def add_usage(self, usage: Any) -> None:
+        """The upstream's usage (the last report wins: some providers send running totals)."""
+        if isinstance(usage, Mapping):
+            self.prompt_tokens = _count(usage.get("prompt_tokens"))
+            self.completion_tokens = _count(usage.get("completion_tokens"))
+            details = usage.get("prompt_tokens_details")
+            self.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _record_rows(record: RequestRecord) -> tuple[tuple[Any, ...], list[tuple[Any, ...]]]:
+    key = record.key
+    label, key_hash = (key.label, _digest(key.token).hex()[:16]) if key else ("", "")
+    request = (record.wall, label, key_hash, record.model[:200], record.provider, record.upstream_model[:200],
+               record.endpoint[:200], record.status, record.total_ms, record.first_byte_ms, record.prompt_tokens,
+               record.completion_tokens, record.cached_tokens, len(record.attempts), record.client_ip,
+               record.request_id)
+    attempts = [(record.wall, p, m[:200], i, s, ms, record.request_id) for p, m, i, s, ms in record.attempts]
+    return request, attempts
+
+
+class StatsStore:
+    """The SQLite file: one writer connection and one reader connection, both used from worker threads."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._connect(path)
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._writer.execute("PRAGMA synchronous=NORMAL")
+            migrate(self._writer)
+            self._reader = self._connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StatsError(f"{path}: cannot open the statistics database: {exc}") from None
+        self._read_lock = threading.Lock()
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        connection = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def write(self, records: Sequence[RequestRecord]) -> None:
+        rows = [_record_rows(record) for record in records]
+        with _transaction(self._writer) as db:
+            db.executemany("INSERT INTO requests (time, key, key_hash, model, provider, upstream_model, endpoint,"
+                           " status, total_ms, first_byte_ms, prompt_tokens, completion_tokens, cached_tokens,"
+                           " attempts, client_ip, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           [request for request, _ in rows])
+            db.executemany("INSERT INTO attempts (time, provider, model, key_index, status, ms, request_id)"
+                           " VALUES (?,?,?,?,?,?,?)", [a for _, attempts in rows for a in attempts])
+
+    def prune(self, before: float) -> None:
+        with _transaction(self._writer) as db:
+            db.execute("DELETE FROM requests WHERE time < ?", (before,))
+            db.execute("DELETE FROM attempts WHERE time < ?", (before,))
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION in place; returns the version found."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StatsError(f"schema version {found} is newer than this uni-api's ({SCHEMA_VERSION})")
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        with _transaction(db):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version:d}")
+    return found
+
+
+@dataclass(slots=True)
+class _Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: above every bound
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+Labels = tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Metrics:
+    """In-memory counters and histograms behind /metrics; updated on the event loop, never per chunk."""
+
+    requests: dict[Labels, int] = field(default_factory=dict)  # (provider, model, status)
+    errors: dict[Labels, int] = field(default_factory=dict)  # (provider, model, status), status >= 400
+    attempts: dict[Labels, int] = field(default_factory=dict)  # (provider, upstream model, status)
+    tokens: dict[Labels, int] = field(default_factory=dict)  # (provider, model, kind)
+    latency: dict[Labels, _Histogram] = field(default_factory=dict)  # (provider, model)
+    first_byte: dict[Labels, _Histogram] = field(default_factory=dict)
+
+    def observe(self, record: RequestRecord) -> None:
+        # Only a routed request names its model: an unknown model name must not become a label.
+        channel = (record.provider, record.model if record.provider else "")
+        labels = (*channel, str(record.status))
+        self.requests[labels] = self.requests.get(labels, 0) + 1
+        if record.status >= 400:
+            self.errors[labels] = self.errors.get(labels, 0) + 1
+        for provider, model, _, status, _ in record.attempts:
+            attempt = (provider, model, str(status))
+            self.attempts[attempt] = self.attempts.get(attempt, 0) + 1
+        for kind, count in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens),
+                            ("cached", record.cached_tokens)):
+            if count:
+                self.tokens[(*channel, kind)] = self.tokens.get((*channel, kind), 0) + count
+        self.latency.setdefault(channel, _Histogram()).observe(record.total_ms / 1000)
+        if record.first_byte_ms is not None:
+            self.first_byte.setdefault(channel, _Histogram()).observe(record.first_byte_ms / 1000)
+
+
+_METRIC_HELP: Final = (
+    ("uni_api_requests_total", "counter", "Requests answered, by provider, model and status.",
+     ("provider", "model", "status"), "requests"),
+    ("uni_api_errors_total", "counter", "Requests answered with an error status.",
+     ("provider", "model", "status"), "errors"),
+    ("uni_api_attempts_total", "counter", "Attempts on upstream channels, by provider, upstream model and status.",
+     ("provider", "model", "status"), "attempts"),
+    ("uni_api_tokens_total", "counter", "Tokens reported by upstreams (kind: prompt, completion, cached).",
+     ("provider", "model", "kind"), "tokens"),
+)
+_HISTOGRAM_HELP: Final = (
+    ("uni_api_request_duration_seconds", "Time from request to the end of the answer.", "latency"),
+    ("uni_api_time_to_first_byte_seconds", "Time from request to the first byte of the answer.", "first_byte"),
+)
+
+
+def _label_text(names: Sequence[str], values: Sequence[str]) -> str:
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return ",".join(f'{name}="{escape(value)}"' for name, value in zip(names, values, strict=True))
+
+
+def render_metrics(metrics: Metrics, cooling: int) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    for name, kind, help_text, names, attribute in _METRIC_HELP:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{{{_label_text(names, labels)}}} {value}"
+                  for labels, value in sorted(getattr(metrics, attribute).items())]
+    for name, help_text, attribute in _HISTOGRAM_HELP:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for labels, histogram in sorted(getattr(metrics, attribute).items()):
+            lines += _histogram_lines(name, _label_text(("provider", "model"), labels), histogram)
+    lines += ["# HELP uni_api_channels_cooling Channels cooling down after a failure.",
+              "# TYPE uni_api_channels_cooling gauge", f"uni_api_channels_cooling {cooling}"]
+    return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(name: str, labels: str, histogram: _Histogram) -> list[str]:
+    lines, running = [], 0
+    for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), histogram.counts, strict=True):
+        running += count
+        lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {running}')
+    lines += [f"{name}_sum{{{labels}}} {histogram.total:.6f}", f"{name}_count{{{labels}}} {running}"]
+    return lines
+
+
+class Stats:
+    """Metrics in memory and, unless disabled, rows in SQLite written in batches by a background task."""
+
+    def __init__(self, options: StatsOptions | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.options = options or StatsOptions()
+        self.metrics = Metrics()
+        self._clock = clock
+        self._queue: deque[RequestRecord] = deque()
+        self._store: StatsStore | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._closing = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._store is not None
+
+    async def start(self) -> None:
+        """Open (and migrate) the database, prune old rows, start the writer; raises StatsError."""
+        self._wake, self._lock = asyncio.Event(), asyncio.Lock()
+        if self.options.path is None:
+            return
+        self._store = await asyncio.to_thread(StatsStore, self.options.path)
+        await self.prune()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        """Stop the writer between batches (never mid-write), write what is left, close the file."""
+        if self._task is not None and self._wake is not None:
+            self._closing = True
+            self._wake.set()
+            await self._task
+        if self._store is not None:
+            await self.flush()
+            await asyncio.to_thread(self._store.close)
+            self._store = None
+
+    def record(self, record: RequestRecord) -> None:
+        """The only call on the request path: counters in memory, the record onto the write queue."""
+        self.metrics.observe(record)
+        if self._store is not None and record.key is not None and record.model:
+            self._queue.append(record)
+            if len(self._queue) >= STATS_FLUSH_BATCH and self._wake is not None:
+                self._wake.set()
+
+    async def flush(self) -> None:
+        """Write what is queued (one writer at a time, in a worker thread)."""
+        if self._store is None or self._lock is None:
+            return
+        async with self._lock:
+            batch = [self._queue.popleft() for _ in range(len(self._queue))]
+            if batch:
+                await asyncio.to_thread(self._store.write, batch)
+
+    async def prune(self) -> None:
+        if self._store is not None and self._lock is not None and self.options.retention_days > 0:
+            before = self._clock() - self.options.retention_days * 86400
+            async with self._lock:
+                await asyncio.to_thread(self._store.prune, before)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        next_prune = time.monotonic() + STATS_PRUNE_INTERVAL
+        while not self._closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), STATS_FLUSH_INTERVAL)
+            self._wake.clear()
+            try:
+                await self.flush()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + STATS_PRUNE_INTERVAL
+                    await self.prune()
+            except sqlite3.Error as exc:  # a full disk loses this batch, not the gateway
+                logger.error("statistics database: %s", exc)
+
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows from the read connection, after writing what is queued, so a read sees every finished request."""
+        if self._store is None:
+            raise StatsDisabled("Statistics are disabled (DISABLE_DATABASE=true).")
+        await self.flush()
+        return await asyncio.to_thread(self._store.query, sql, params)
+
+    async def summary(self, hours: int) -> dict[str, Any]:
+        """uni-api's /v1/stats answer for the last `hours` hours."""
+        since = (self._clock() - hours * 3600,)
+        success = "SUM(status BETWEEN 200 AND 399)"
+        by_model = await self.query(f"SELECT provider, model, COUNT(*) AS total, {success} AS ok FROM attempts"
+                                    " WHERE time >= ? GROUP BY provider, model", since)
+        by_provider = await self.query(f"SELECT provider, COUNT(*) AS total, {success} AS ok FROM attempts"
+                                       " WHERE time >= ? GROUP BY provider", since)
+        counts = {column: await self.query(f"SELECT {column} AS name, COUNT(*) AS count FROM requests WHERE time >= ?"
+                                           f" GROUP BY {column} ORDER BY count DESC, name", since)
+                  for column in ("model", "endpoint", "client_ip")}
+        return {
+            "time_range": f"Last {hours} hours",
+            "channel_model_success_rates": _rates(by_model, ("provider", "model")),
+            "channel_success_rates": _rates(by_provider, ("provider",)),
+            "model_request_counts": [{"model": r["name"], "count": r["count"]} for r in counts["model"]],
+            "endpoint_request_counts": [{"endpoint": r["name"], "count": r["count"]} for r in counts["endpoint"]],
+            "ip_request_counts": [{"ip": r["name"], "count": r["count"]} for r in counts["client_ip"]],
+        }
+
+    async def token_usage(self, start: float, end: float, key: ApiKey | None,
+                          model: str | None) -> list[dict[str, Any]]:
+        """Token totals per key prefix and model between `start` and `end`; `key` limits them to one key's."""
+        where, params = ["time >= ?", "time <= ?"], [start, end]
+        if key is not None:
+            where.append("key_hash = ?")
+            params.append(_digest(key.token).hex()[:16])
+        if model:
+            where.append("model = ?")
+            params.append(model)
+        rows = await self.query(
+            "SELECT key, model, SUM(prompt_tokens) AS prompt, SUM(completion_tokens) AS completion,"
+            " SUM(cached_tokens) AS cached, COUNT(*) AS count FROM requests WHERE " + " AND ".join(where)
+            + " GROUP BY key_hash, key, model ORDER BY key, model", params)
+        return [{"api_key_prefix": r["key"], "model": r["model"], "total_prompt_tokens": r["prompt"],
+                 "total_completion_tokens": r["completion"], "total_tokens": r["prompt"] + r["completion"],
+                 "total_cached_tokens": r["cached"], "request_count": r["count"]} for r in rows]
+
+
+def _rates(rows: Sequence[sqlite3.Row], names: Sequence[str]) -> list[dict[str, Any]]:
+    entries = [{**{name: row[name] for name in names}, "success_rate": row["ok"] / row["total"],
+                "total_requests": row["total"]} for row in rows]
+    return sorted(entries, key=lambda entry: -entry["success_rate"])
+
+
+class StatsDisabled(GatewayError):
+    status, type, code = 503, "server_error", "stats_disabled"
+
+
+class AdminRequired(GatewayError):
+    status, type, code = 403, "permission_error", "admin_required"
+
+
 # --- Gateway state and transport ---
 
 
 @dataclass(slots=True)
 class Gateway:
-    """Per-app runtime state, owned by the lifespan."""
+    """Per-app runtime state, owned by the lifespan.
+
+    One instance serves one config: a reload builds a new one with `replace()` (sharing the scheduler,
+    sessions and stats) and swaps `app.state.gateway` in one assignment. A request takes the current one
+    once, at its start, so it finishes on the config it started with. Never mutate a field in place.
+    """
 
     config: Config
     routes: Mapping[str, KeyRoutes]
@@ -800,6 +1240,9 @@ class Gateway:
     session: aiohttp.ClientSession
     tokens: TokenCache
     socks_sessions: Mapping[str, aiohttp.ClientSession] = field(default_factory=dict)
+    recent: AttemptStats = field(default_factory=lambda: AttemptStats())
+    loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
+    stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
 
 
 _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
@@ -830,7 +1273,10 @@ async def _open(gw: Gateway, policy: Policy, request: UpstreamRequest, timeout: 
     headers = dict(request.headers)
     data: Any = request.data
     if request.json is not None:
-        data = adapters.dumps(request.json)
+        try:
+            data = adapters.dumps(request.json)
+        except (ValueError, TypeError, OverflowError):  # e.g. 1e400 parsed as infinity: no JSON can carry it
+            raise InvalidRequest("The request holds a number outside JSON's range (such as 1e400).") from None
         headers["Content-Type"] = "application/json"
     elif request.form is not None:
         data = aiohttp.FormData()
@@ -847,10 +1293,22 @@ async def _open(gw: Gateway, policy: Policy, request: UpstreamRequest, timeout: 
 
 async def _read(response: aiohttp.ClientResponse, timeout: float) -> bytes:
     with _transport_errors(timeout):
-        body = await response.content.read(UPSTREAM_BODY_LIMIT + 1)
-    if len(body) > UPSTREAM_BODY_LIMIT:
+        body = await _read_limited(response, UPSTREAM_BODY_LIMIT)
+    if body is None:
         raise UpstreamError(502, f"upstream answer is larger than {UPSTREAM_BODY_LIMIT} bytes")
     return body
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None past `limit` bytes (`content.read(n)` would stop at the first network read)."""
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in response.content.iter_any():
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 async def _check_status(response: aiohttp.ClientResponse, adapter: Adapter, timeout: float) -> None:
@@ -883,6 +1341,11 @@ class TokenCache:
             pending = self._pending[provider.name] = asyncio.ensure_future(self._exchange(provider))
             pending.add_done_callback(lambda _: self._pending.pop(provider.name, None))
         return await asyncio.shield(pending)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the tokens of providers whose credentials may have changed (a config reload)."""
+        for name in names:
+            self._tokens.pop(name, None)
 
     async def _exchange(self, provider: Provider) -> str:
         extra, now = provider.extra, int(time.time())
@@ -928,12 +1391,11 @@ async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
         return part
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
-            data = await response.content.read(_IMAGE_LIMIT + 1)
+            data = await _read_limited(response, _IMAGE_LIMIT) if response.status == 200 else None
             kind = response.headers.get("Content-Type", "image/jpeg").split(";")[0]
-            ok = response.status == 200 and len(data) <= _IMAGE_LIMIT
     except (aiohttp.ClientError, asyncio.TimeoutError):
-        ok = False
-    if not ok:
+        data = None
+    if data is None:
         raise UpstreamError(400, f"could not fetch the image at {url[:200]}")
     return {**part, "image_url": {**image, "url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}}
 
@@ -947,8 +1409,12 @@ def _json_response(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str) -> Send:
-    """Send one chat attempt; streams commit only after the first converted chunk arrived."""
+def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None) -> Send:
+    """Send one chat attempt; streams commit only after the first converted chunk arrived.
+
+    Streams always ask the adapter (and the upstream, where the engine can) for usage, for the statistics;
+    `_relay` drops the usage chunk again when the client did not ask for it.
+    """
     triggers = gw.config.error_triggers
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -967,23 +1433,45 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str) -> Send:
                 raw = await _read(response, timeout)
                 _check_triggers(raw.decode("utf-8", "replace"), triggers)
                 completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
+                if record is not None:
+                    record.add_usage(completion.get("usage"))
                 return _json_response(adapters.dumps(completion))
-            chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model,
-                                          include_usage=include_usage)
+            chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
             with _transport_errors(timeout):
                 first = _stamp(await anext_or_fail(chunks), created)
+            if "usage" in first:
+                _take_usage(first, include_usage, record)
             frame = adapters.sse_frame(first)
             _check_triggers(frame.decode(), triggers)
         except BaseException:
             response.close()
             raise
-        return StreamingResponse(_relay(frame, chunks, response, timeout, created), media_type="text/event-stream",
-                                 headers=_STREAM_HEADERS)
+        relay = _relay(frame, _usage_kept(chunks, include_usage, record), response, timeout, created,
+                       target.provider)
+        return StreamingResponse(relay, media_type="text/event-stream", headers=_STREAM_HEADERS)
 
     return send
 
 
 _STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _usage_kept(chunks: AsyncIterator[dict[str, Any]], include_usage: bool,
+                      record: RequestRecord | None) -> AsyncIterator[dict[str, Any]]:
+    """Chunks after the first, with usage noted on `record`; usage-only chunks dropped unless the client asked."""
+    async for chunk in chunks:
+        if "usage" not in chunk or _take_usage(chunk, include_usage, record):
+            yield chunk
+
+
+def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecord | None) -> bool:
+    """Note a chunk's usage; False when the chunk only carried usage the client did not ask for."""
+    if record is not None:
+        record.add_usage(chunk.get("usage"))
+    if include_usage:
+        return True
+    chunk.pop("usage", None)
+    return bool(chunk.get("choices"))
 
 
 async def anext_or_fail(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
@@ -996,7 +1484,7 @@ async def anext_or_fail(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]
 def _parse_json(raw: bytes) -> Any:
     try:
         return adapters.loads(raw)
-    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError):
+    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, RecursionError):
         raise UpstreamError(502, "upstream answered with invalid JSON") from None
 
 
@@ -1008,7 +1496,7 @@ def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
 
 
 async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
-                 timeout: float, created: int) -> AsyncIterator[bytes]:
+                 timeout: float, created: int, provider: Provider) -> AsyncIterator[bytes]:
     """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
     try:
         yield first
@@ -1016,8 +1504,9 @@ async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: 
             async for chunk in chunks:
                 yield adapters.sse_frame(_stamp(chunk, created))
     except UpstreamError as exc:
-        logger.warning("stream failed after its first chunk: %s", exc)
-        yield adapters.sse_frame(adapters.error_body(f"upstream failed mid-stream: {exc}", "upstream_error",
+        reason = _redact(str(exc), provider)  # an upstream may quote the key back in its error
+        logger.warning("stream failed after its first chunk: %s", reason)
+        yield adapters.sse_frame(adapters.error_body(f"upstream failed mid-stream: {reason}", "upstream_error",
                                                      "stream_interrupted"))
     finally:
         response.close()
@@ -1025,7 +1514,7 @@ async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: 
 
 
 def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
-                    form: tuple[tuple[str, Any], ...] | None = None) -> Send:
+                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Send:
     """Send one attempt of a non-chat endpoint; JSON answers get the client's model name back."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -1043,7 +1532,10 @@ def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str,
             if endpoint != "speech":
                 response.release()
         if media_type.startswith("application/json"):
-            return _json_response(adapters.dumps(adapter.parse_endpoint_response(endpoint, _parse_json(raw), model)))
+            answer = adapter.parse_endpoint_response(endpoint, _parse_json(raw), model)
+            if record is not None and isinstance(answer, dict):
+                record.add_usage(answer.get("usage"))
+            return _json_response(adapters.dumps(answer))
         return Response(raw, media_type=media_type)
 
     return send
@@ -1069,7 +1561,8 @@ def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
         return channels
     if model in gw.known_models:
         raise ModelNotAllowed(f"This API key may not use the model '{model}'.")
-    raise ModelNotFound(f"The model '{model}' does not exist or no provider serves it.")
+    shown = model if len(model) <= 200 else model[:200] + "..."  # errors never echo a request back whole
+    raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
 
 
 def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
@@ -1102,23 +1595,35 @@ class _NotServed(UpstreamError):
     """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
 
 
-async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send) -> Response:
-    """Try the key's channels for `model` in scheduled order, each key of a channel at most once."""
+async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send, record: RequestRecord | None = None) -> Response:
+    """Admit one request of `key` for `model`, then fail over across its channels."""
+    return await failover(gw, key, model, admit(gw, key, model), send, record)
+
+
+def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+    """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
     channels = channels_for(gw, key, model)
     wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
+    return channels
+
+
+async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Send,
+                   record: RequestRecord | None = None) -> Response:
+    """Try `channels` in scheduled order, each key of a channel at most once."""
     budget = _Budget(math.inf if key.retries is None else key.retries + 1)
     failures: list[tuple[Channel, UpstreamError]] = []
     for channel in gw.scheduler.plan(key.token, channels, key.strategy):
-        response = await _try_channel(gw, key, channel, send, budget, failures)
+        response = await _try_channel(gw, key, channel, send, budget, failures, record)
         if response is not None:
             return response
     raise _all_failed(model, failures)
 
 
 async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, budget: _Budget,
-                       failures: list[tuple[Channel, UpstreamError]]) -> Response | None:
+                       failures: list[tuple[Channel, UpstreamError]],
+                       record: RequestRecord | None = None) -> Response | None:
     """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
     policy = gw.config.policies[channel.provider]
     timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
@@ -1134,7 +1639,9 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
             return None
         tried.append(index)
         budget.attempts -= 1
-        outcome = await _attempt(gw, key, channel, index, timeout, send, left)
+        started = time.perf_counter()
+        outcome = await _attempt(gw, key, channel, index, timeout, send, left, record)
+        gw.recent.record(channel, outcome, time.perf_counter() - started)
         if isinstance(outcome, Response):
             return outcome
         failures.append((channel, outcome))
@@ -1155,7 +1662,7 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
 
 
 async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Send, left: float = math.inf) -> Response | UpstreamError:
+                   send: Send, left: float = math.inf, record: RequestRecord | None = None) -> Response | UpstreamError:
     """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
@@ -1171,20 +1678,23 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
         response = await asyncio.wait_for(send_once(), None if left == math.inf else left)
     except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
         exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
-        _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}")
+        _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}", record)
         return exc
     except UpstreamError as exc:
         exc.message = _redact(exc.message, provider)
-        _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}")
+        _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
         return exc
     gw.scheduler.record_success(channel)
-    _log_attempt(key, channel, index, response.status_code, started, "")
+    _log_attempt(key, channel, index, response.status_code, started, "", record)
     return response
 
 
-def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started: float, why: str) -> None:
+def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started: float, why: str,
+                 record: RequestRecord | None = None) -> None:
+    ms = (time.perf_counter() - started) * 1000
+    if record is not None:
+        record.add_attempt(channel, index, status, ms)
     if logger.isEnabledFor(logging.INFO):
-        ms = (time.perf_counter() - started) * 1000
         logger.info("attempt key=%s provider=%s model=%s key_index=%d status=%d ms=%.1f %s", key.label,
                     channel.provider, channel.upstream_model, index, status, ms, why)
 
@@ -1217,11 +1727,93 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+# --- Moderation (api_keys[].preferences.ENABLE_MODERATION) ---
+
+
+class ContentFlagged(GatewayError):
+    status, type, code = 400, "invalid_request_error", "content_policy_violation"
+
+
+_NO_MODERATION_MODEL: Final = (f"moderation is on but this key's model rules reach no moderation model "
+                               f"({' or '.join(MODERATION_MODELS)})")
+
+
+def unmoderated_keys(config: Config, routes: Mapping[str, KeyRoutes]) -> list[int]:
+    """Indexes of the keys with moderation on whose rules reach no moderation model."""
+    return [i for i, key in enumerate(config.api_keys) if key.moderation and not routes[key.token].moderation_model]
+
+
+def _check_moderation_rules(config: Config, entries: Sequence[tuple[str, Any, int]]) -> None:
+    """At parse time, when every provider lists its models; otherwise check_moderation runs after discovery."""
+    if not any(key.moderation for key in config.api_keys) or not all(p.models for p in config.providers.values()):
+        return
+    for i in unmoderated_keys(config, build_routes(config, {}, 0)[0]):
+        path, item, line = entries[i]
+        prefs = _Node(item, path, config.source, line).mapping("preferences")
+        assert prefs is not None  # ENABLE_MODERATION is on, so the key has preferences
+        raise prefs.error(_NO_MODERATION_MODEL, "ENABLE_MODERATION")
+
+
+def check_moderation(config: Config, routes: Mapping[str, KeyRoutes]) -> None:
+    """The same check once discovered model lists are in, at startup and on reload (no line number then)."""
+    for i in unmoderated_keys(config, routes):
+        where = f"api_keys[{i}].preferences.ENABLE_MODERATION"
+        raise ConfigError(f"{_source_name(config.source)}: {where}: {_NO_MODERATION_MODEL}")
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the last user message: a string content, or its text parts joined."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "\n".join(part["text"] for part in content if isinstance(part, dict)
+                                 and part.get("type") == "text" and isinstance(part.get("text"), str))
+            return content if isinstance(content, str) else ""
+    return ""
+
+
+def flagged_categories(answer: bytes) -> list[str]:
+    """The categories an OpenAI moderation answer flags; ["unspecified"] when flagged without one."""
+    try:
+        results = [r for r in adapters.loads(answer)["results"] if r.get("flagged")]
+        names = [name for r in results for name, hit in (r.get("categories") or {}).items() if hit is True]
+    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise AllChannelsFailed("The moderation model's answer could not be read.") from None
+    return list(dict.fromkeys(names)) or (["unspecified"] if results else [])
+
+
+async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
+    """Send the last user text to the key's moderation model; raise ContentFlagged when it is flagged.
+
+    It rides on the chat request's admission (no rate-limit slot of its own) and fails closed: when every
+    moderation channel fails, the chat request fails too.
+    """
+    text, model = last_user_text(body["messages"]), gw.routes[key.token].moderation_model
+    if not text or model is None:
+        return
+    send = endpoint_sender(gw, "moderations", {"model": model, "input": text}, model)
+    answer = await failover(gw, key, model, channels_for(gw, key, model), send)
+    flagged = flagged_categories(answer.body)
+    if flagged:
+        raise ContentFlagged(f"The request was rejected by moderation; flagged categories: {', '.join(flagged)}.")
+
+
+async def chat_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
+                    record: RequestRecord | None = None) -> Response:
+    """Admission, then moderation when the key has it on, then the chat attempts."""
+    channels = admit(gw, key, model)
+    if key.moderation:
+        await moderate(gw, key, body)
+    return await failover(gw, key, model, channels, chat_sender(gw, body, model, record), record)
+
+
 # --- Routes ---
 
 
 def _gateway(request: Request) -> Gateway:
-    return request.state.gateway  # type: ignore[no-any-return]
+    """The gateway of the current config; a request takes it once, so a reload cannot change it midway."""
+    return request.app.state.gateway  # type: ignore[no-any-return]
 
 
 async def chat_completions(request: Request) -> Response:
@@ -1229,7 +1821,7 @@ async def chat_completions(request: Request) -> Response:
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
     model = validate_chat(body)
-    return await until_disconnect(request, dispatch(gw, key, model, chat_sender(gw, body, model)))
+    return await until_disconnect(request, chat_flow(gw, key, model, body, _track(request, key, model)))
 
 
 def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
@@ -1238,7 +1830,9 @@ def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None)
         key = authenticate(request, gw.config)
         body = await read_json(request, gw.config.body_limit)
         model = require_model(body, default_model)
-        return await until_disconnect(request, dispatch(gw, key, model, endpoint_sender(gw, endpoint, body, model)))
+        record = _track(request, key, model)
+        send = endpoint_sender(gw, endpoint, body, model, record=record)
+        return await until_disconnect(request, dispatch(gw, key, model, send, record))
 
     return handle
 
@@ -1248,8 +1842,9 @@ async def transcriptions(request: Request) -> Response:
     key = authenticate(request, gw.config)
     form = parse_multipart(await read_body(request, gw.config.body_limit), request.headers.get("content-type", ""))
     model = require_model(dict((k, v) for k, v in form if isinstance(v, str)))
-    send = endpoint_sender(gw, "transcriptions", None, model, form)
-    return await until_disconnect(request, dispatch(gw, key, model, send))
+    record = _track(request, key, model)
+    send = endpoint_sender(gw, "transcriptions", None, model, form, record)
+    return await until_disconnect(request, dispatch(gw, key, model, send, record))
 
 
 async def list_models(request: Request) -> Response:
@@ -1262,24 +1857,559 @@ async def healthz(request: Request) -> Response:
     return _json_response(b'{"status":"ok"}')
 
 
+def _track(request: Request, key: ApiKey, model: str) -> RequestRecord | None:
+    """The request's stats record (made by RequestLog), now naming its key and model."""
+    record: RequestRecord | None = getattr(request.state, "record", None)
+    if record is not None:
+        record.key, record.model = key, model
+    return record
+
+
+# --- Status page (GET /status, admin keys) ---
+
+STATUS_BUCKET_S: Final = 300.0
+STATUS_BUCKETS: Final = 72  # six hours of five-minute buckets
+_CHART_HEIGHT: Final = 32
+_STATUS_HEADERS: Final = MappingProxyType({  # the key may be in the URL: no caching, no referrer, no outside assets
+    "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+_STATUS_STYLE: Final = (
+    "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111;background:#fff}"
+    "table{border-collapse:collapse}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+    "th:first-child,td:first-child{text-align:left}th{background:#f3f4f6}.cool{color:#b45309}"
+    "svg{display:block;background:#f3f4f6}")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    slot: int  # time // bucket_s
+    attempts: int = 0
+    answered: int = 0  # attempts answered with a status below 400
+    total_ms: float = 0.0
+
+
+class AttemptStats:
+    """Attempts per channel (provider, upstream model) in time buckets: memory bounded at any traffic.
+
+    Kept in memory only, for the status page; `record` is plain `def`, so it is atomic on the loop.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, bucket_s: float = STATUS_BUCKET_S,
+                 buckets: int = STATUS_BUCKETS) -> None:
+        self._clock, self.bucket_s, self.buckets = clock, bucket_s, buckets
+        self._series: dict[tuple[str, str], deque[_Bucket]] = {}
+
+    def record(self, channel: Channel, outcome: Response | UpstreamError, seconds: float) -> None:
+        status = outcome.status_code if isinstance(outcome, Response) else outcome.status
+        slot = int(self._clock() // self.bucket_s)
+        series = self._series.get((channel.provider, channel.upstream_model))
+        if series is None:
+            series = self._series[(channel.provider, channel.upstream_model)] = deque(maxlen=self.buckets)
+        if not series or series[-1].slot != slot:
+            series.append(_Bucket(slot))
+        bucket = series[-1]
+        bucket.attempts += 1
+        bucket.answered += status < 400
+        bucket.total_ms += seconds * 1000
+
+    def window(self) -> list[tuple[str, str, list[_Bucket]]]:
+        """Per channel with attempts in the window, its buckets oldest first, empty ones filled in."""
+        last = int(self._clock() // self.bucket_s)
+        slots = range(last - self.buckets + 1, last + 1)
+        out = []
+        for (provider, model), series in sorted(self._series.items()):
+            by_slot = {bucket.slot: bucket for bucket in series if bucket.slot >= slots.start}
+            if by_slot:
+                out.append((provider, model, [by_slot.get(slot) or _Bucket(slot) for slot in slots]))
+        return out
+
+
+def _svg_bars(bars: Iterable[tuple[int, float, float, str]], count: int, top: float, label: str) -> str:
+    """A bar chart as inline SVG: each bar is (x, bottom, height, color) in value units."""
+    scale = _CHART_HEIGHT / (top or 1)
+    rects = "".join(f'<rect x="{x}" y="{_CHART_HEIGHT - (bottom + height) * scale:.2f}" width="0.8" '
+                    f'height="{height * scale:.2f}" fill="{color}"/>' for x, bottom, height, color in bars if height)
+    return (f'<svg role="img" aria-label="{label}" width="{count * 3}" height="{_CHART_HEIGHT}" '
+            f'viewBox="0 0 {count} {_CHART_HEIGHT}" preserveAspectRatio="none">{rects}</svg>')
+
+
+def _requests_chart(buckets: Sequence[_Bucket]) -> str:
+    bars = [bar for i, b in enumerate(buckets) for bar in ((i, 0.0, b.answered, "#16a34a"),
+                                                           (i, b.answered, b.attempts - b.answered, "#dc2626"))]
+    return _svg_bars(bars, len(buckets), max(b.attempts for b in buckets), "attempts: answered green, failed red")
+
+
+def _latency_chart(buckets: Sequence[_Bucket]) -> str:
+    means = [b.total_ms / b.attempts if b.attempts else 0.0 for b in buckets]
+    bars = [(i, 0.0, mean, "#2563eb") for i, mean in enumerate(means)]
+    return _svg_bars(bars, len(buckets), max(means), "mean latency")
+
+
+def _status_row(provider: str, model: str, buckets: Sequence[_Bucket], cooling: bool) -> str:
+    attempts = sum(b.attempts for b in buckets)
+    answered, total_ms = sum(b.answered for b in buckets), sum(b.total_ms for b in buckets)
+    name = html.escape(f"{provider}/{model}") + (' <span class="cool">(cooling down)</span>' if cooling else "")
+    return (f"<tr><td>{name}</td><td>{attempts}</td><td>{100 * answered / attempts:.1f}%</td>"
+            f"<td>{total_ms / attempts:.0f} ms</td><td>{_requests_chart(buckets)}</td>"
+            f"<td>{_latency_chart(buckets)}</td></tr>")
+
+
+def render_status(gw: Gateway, now: float) -> str:
+    """The status page: one row per channel with attempts in the window, charts as inline SVG, no script."""
+    stats, config = gw.recent, gw.config
+    cooling = {(c.provider, c.upstream_model) for c in gw.scheduler.cooling()}
+    rows = "".join(_status_row(p, m, b, (p, m) in cooling) for p, m, b in stats.window())
+    minutes, hours = stats.bucket_s / 60, stats.bucket_s * stats.buckets / 3600
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(gw.loaded_at))
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>uni-api status</title>'
+            f'<meta http-equiv="refresh" content="60"><style>{_STATUS_STYLE}</style></head><body>'
+            f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
+            f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
+            f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
+            f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
+            f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
+            f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
+
+
+async def status_page(request: Request) -> Response:
+    """Read-only HTML for admin keys; the key as `?key=` (for a browser) or the usual headers."""
+    gw = _gateway(request)
+    token = request.query_params.get("key")
+    key = find_key(gw.config, token) if token else authenticate(request, gw.config)
+    if key.role != "admin":
+        raise AdminRequired("The status page needs an admin key (role: admin).")
+    return HTMLResponse(render_status(gw, time.time()), headers=_STATUS_HEADERS)
+
+
+# --- Anthropic inbound ---
+# POST /v1/messages and /v1/messages/count_tokens for clients of Anthropic's Messages API (Claude Code, the
+# anthropic SDKs), with the keys, rules, scheduling and limits of /v1/chat/completions. The `anthropic-version`
+# header is accepted and not needed. A channel whose engine speaks the Messages API gets the body as sent
+# (adapters.MESSAGES_PASSTHROUGH); any other gets it converted to OpenAI's through chat_sender, and the answer is
+# converted back (adapters, "Anthropic Messages inbound"). Errors take Anthropic's shape in render_error.
+# Anthropic API reference: "Messages", "Streaming Messages" (SSE: `event: <type>` + `data: <json>`), "Errors",
+# "Count tokens in a Message".
+
+
+def _blocks_ok(content: Any) -> bool:
+    return isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
+
+
+def validate_messages(body: Mapping[str, Any]) -> str:
+    """The shape checks of a Messages API request that the conversions rely on; returns the model."""
+    model = validate_chat(body)
+    for i, message in enumerate(body["messages"]):
+        if message["role"] not in ("user", "assistant") or not _blocks_ok(message.get("content")):
+            raise InvalidRequest(f"'messages[{i}]' needs role 'user' or 'assistant' and content that is a string "
+                                 "or an array of content blocks.")
+    if body.get("system") is not None and not _blocks_ok(body["system"]):
+        raise InvalidRequest("'system' must be a string or an array of text blocks.")
+    for name in ("tools", "stop_sequences"):
+        if not isinstance(body.get(name) or [], list):
+            raise InvalidRequest(f"'{name}' must be an array.")
+    for name in ("tool_choice", "thinking", "output_config"):
+        if not isinstance(body.get(name) or {}, dict):
+            raise InvalidRequest(f"'{name}' must be an object.")
+    return model
+
+
+def _messages_frame(name: str, data: bytes) -> bytes:
+    """One Messages stream event; a data value spanning lines keeps one `data:` field per line."""
+    return b"event: " + name.encode() + b"\ndata: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
+
+
+def _event_frame(event: Mapping[str, Any]) -> bytes:
+    return _messages_frame(str(event["type"]), adapters.dumps(event))
+
+
+def _stream_failed(message: str) -> bytes:
+    """The last event of a stream that failed after its commit ("Errors": error events may arrive mid-stream)."""
+    return _event_frame(adapters.messages_error_body(message, 502))
+
+
+def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str]) -> Send:
+    """One attempt on a Messages-speaking channel: the body as sent and the answer as received, but for the model
+    name; a stream commits after the first upstream event (an error event there fails the attempt)."""
+    triggers = gw.config.error_triggers
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
+        request = native.build_request(body, target)
+        forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
+        request = replace(request, headers={**request.headers, **forwarded})
+        response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
+        try:
+            await _check_status(response, native, timeout)
+            if not body.get("stream"):
+                raw = await _read(response, timeout)
+                _check_triggers(raw.decode("utf-8", "replace"), triggers)
+                return _json_response(adapters.rename_model(raw, model))
+            events = native.iter_events(response.content.iter_any())
+            with _transport_errors(timeout):
+                first = await events.__anext__()
+            frame = _native_frame(first, model, adapters.first_messages_event(first))
+            _check_triggers(frame.decode("utf-8", "replace"), triggers)
+        except StopAsyncIteration:
+            response.close()
+            raise UpstreamError(502, "upstream stream ended before its first event") from None
+        except BaseException:
+            response.close()
+            raise
+        return StreamingResponse(_relay_native(frame, events, response, timeout, model),
+                                 media_type="text/event-stream", headers=_STREAM_HEADERS)
+
+    return send
+
+
+def _native_frame(event: adapters.SSEEvent, model: str, name: str) -> bytes:
+    data = event.data.encode()
+    return _messages_frame(name, adapters.rename_model(data, model) if name == "message_start" else data)
+
+
+async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], response: aiohttp.ClientResponse,
+                        timeout: float, model: str) -> AsyncIterator[bytes]:
+    """The committed passthrough stream; a cut before message_stop ends it with an error event."""
+    try:
+        yield first
+        name = ""
+        with _transport_errors(timeout):
+            async for event in events:
+                name = adapters.messages_event_name(event)
+                yield _native_frame(event, model, name)
+        if name not in ("message_stop", "error"):
+            raise UpstreamError(502, "upstream stream ended before message_stop")
+    except UpstreamError as exc:
+        logger.warning("stream failed after its first event: %s", exc)
+        yield _stream_failed(f"upstream failed mid-stream: {exc}")
+    finally:
+        response.close()
+
+
+def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str]) -> Send:
+    """One attempt: passthrough on a Messages-speaking channel, else the OpenAI conversion through chat_sender."""
+    passthrough = passthrough_sender(gw, body, model, client_headers)
+    stop_sequences = tuple(body.get("stop_sequences") or ())
+    converted: list[Send] = []
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        if channel.engine in adapters.MESSAGES_PASSTHROUGH:
+            return await passthrough(channel, adapter, target, timeout)
+        if not converted:  # once per request; UpstreamError(400, retryable) when only a Claude channel could serve it
+            converted.append(chat_sender(gw, adapters.from_messages_request(body), model))
+        response = await converted[0](channel, adapter, target, timeout)
+        if not isinstance(response, StreamingResponse):
+            completion = adapters.loads(response.body)
+            return _json_response(adapters.dumps(adapters.to_messages_response(completion, model, stop_sequences)))
+        events = adapters.iter_messages_events(_chunks_of(response.body_iterator), model, stop_sequences)
+        return StreamingResponse(_relay_events(events, response.body_iterator), media_type="text/event-stream",
+                                 headers=_STREAM_HEADERS)
+
+    return send
+
+
+async def _chunks_of(frames: Any) -> AsyncIterator[dict[str, Any]]:
+    """chat_sender's committed stream read back as chunks (it awaited the first, so commit-late holds); its
+    mid-stream error chunk is raised again as the UpstreamError it was."""
+    async for event in adapters.iter_sse(frames):
+        if event.data == "[DONE]":
+            return
+        chunk = adapters.loads(event.data)
+        if "error" in chunk and "choices" not in chunk:
+            raise UpstreamError(0, str(chunk["error"].get("message")))  # status 0: str() is the message alone
+        yield chunk
+
+
+async def _relay_events(events: AsyncIterator[dict[str, Any]], frames: Any) -> AsyncIterator[bytes]:
+    """The committed converted stream as Messages events; chat_sender's relay has logged any failure."""
+    try:
+        async for event in events:
+            yield _event_frame(event)
+    except UpstreamError as exc:
+        yield _stream_failed(exc.message)
+    finally:
+        await events.aclose()
+        await frames.aclose()  # chat_sender's relay, which releases the upstream response
+
+
+async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
+                        client_headers: Mapping[str, str]) -> Response:
+    """chat_flow for Messages requests: admission, moderation when the key has it on, then the attempts."""
+    channels = admit(gw, key, model)
+    if key.moderation:
+        await moderate(gw, key, body)  # last_user_text reads Messages turns as well
+    return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers))
+
+
+async def messages(request: Request) -> Response:
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = validate_messages(body)
+    return await until_disconnect(request, messages_flow(gw, key, model, body, request.headers))
+
+
+def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
+    """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        if channel.engine not in adapters.COUNTING_ENGINES:
+            return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
+        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
+        response = await _open(gw, gw.config.policies[channel.provider],
+                               native.build_count_tokens_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            return _json_response(await _read(response, timeout))
+        finally:
+            response.release()
+
+    return send
+
+
+async def count_tokens(request: Request) -> Response:
+    """"Count tokens in a Message": passed to a channel that counts when one serves the model, else estimated
+    without spending the key's rate limit."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = validate_messages(body)
+    channels = channels_for(gw, key, model)
+    if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
+        return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
+    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body)))
+
+
+# --- Stats routes and the request log ---
+
+
+def is_admin(config: Config, key: ApiKey) -> bool:
+    """`role: admin`; as in uni-api, the first key is the admin when no key has that role."""
+    if key.role == "admin":
+        return True
+    return key is config.api_keys[0] and not any(k.role == "admin" for k in config.api_keys)
+
+
+def _admin(request: Request) -> Gateway:
+    gw = _gateway(request)
+    if not is_admin(gw.config, authenticate(request, gw.config)):
+        raise AdminRequired("This endpoint needs an API key with role: admin.")
+    return gw
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.strip().isdigit() or not low <= int(text) <= high:
+        raise InvalidRequest(f"'{name}' must be a whole number from {low} to {high}.")
+    return int(text)
+
+
+async def stats_summary(request: Request) -> Response:
+    gw = _admin(request)
+    hours = _int_param(request, "hours", 24, 1, 24 * 366)
+    return JSONResponse(await gw.stats.summary(hours))
+
+
+def _time_param(request: Request, name: str) -> float | None:
+    """An ISO 8601 date or time (UTC unless it says otherwise) or a Unix timestamp."""
+    text = request.query_params.get(name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an ISO 8601 date-time or a Unix timestamp.") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+
+def _iso(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+async def token_usage(request: Request) -> Response:
+    """Token totals per key prefix and model; a non-admin key sees only its own."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    start, end = _time_param(request, "start_datetime"), _time_param(request, "end_datetime")
+    now = time.time()
+    if "last_n_days" in request.query_params:
+        if start is not None or end is not None:
+            raise InvalidRequest("Use either last_n_days or start_datetime/end_datetime, not both.")
+        start, end = now - _int_param(request, "last_n_days", 30, 1, 36600) * 86400, now
+    start = now - DEFAULT_RETENTION_DAYS * 86400 if start is None else start
+    end = now if end is None else end
+    if end < start:
+        raise InvalidRequest("end_datetime is before start_datetime.")
+    model = request.query_params.get("model") or None
+    admin = is_admin(gw.config, key)
+    usage = await gw.stats.token_usage(start, end, None if admin else key, model)
+    details = {"start_datetime": _iso(start), "end_datetime": _iso(end), "api_key_filter": "all" if admin else "self",
+               "model_filter": model or "all"}
+    return JSONResponse({"usage": usage, "query_details": details})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics; admin keys only, like /v1/stats (labels name providers and models, never keys)."""
+    gw = _admin(request)
+    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling()))
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _request_id(scope: Mapping[str, Any]) -> str:
+    """The client's x-request-id when it is a short token, else a new one."""
+    for name, value in scope.get("headers") or ():
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
+    return uuid.uuid4().hex
+
+
+class RequestLog:
+    """Pure ASGI middleware: an x-request-id on every answer, then one log line and one stats record per request.
+
+    The record is finished just before the last body message goes out, so a stream is recorded with its usage
+    and a client that asks for statistics right after an answer finds it there.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[..., Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        record = RequestRecord(_request_id(scope), f"{scope['method']} {scope['path']}", client[0] if client else "")
+        scope.setdefault("state", {})["record"] = record
+        header = (b"x-request-id", record.request_id.encode())
+        bodies = _DebugBodies() if logger.isEnabledFor(logging.DEBUG) else None
+        finished = False
+
+        async def send_logged(message: dict[str, Any]) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            elif message["type"] == "http.response.body":
+                if record.first_byte_ms is None:
+                    record.first_byte_ms = (time.perf_counter() - record.started) * 1000
+                if bodies is not None:
+                    bodies.response.add(message.get("body", b""))
+                if not message.get("more_body", False) and not finished:
+                    finished = True
+                    _finish(scope, record, bodies)
+            await send(message)
+
+        try:
+            await self.app(scope, bodies.wrap(receive) if bodies else receive, send_logged)
+        finally:
+            if not finished:  # an exception, or a client that left mid-answer
+                record.status = record.status or 500
+                _finish(scope, record, bodies)
+
+
+def _finish(scope: Mapping[str, Any], record: RequestRecord, bodies: _DebugBodies | None) -> None:
+    record.total_ms = (time.perf_counter() - record.started) * 1000
+    gw: Gateway | None = getattr(scope["app"].state, "gateway", None) if "app" in scope else None
+    if gw is not None:
+        gw.stats.record(record)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("request id=%s key=%s model=%s provider=%s status=%d ms=%.1f attempts=%d tokens=%d/%d %s",
+                    record.request_id, record.key.label if record.key else "-", record.model or "-",
+                    record.provider or "-", record.status, record.total_ms, len(record.attempts),
+                    record.prompt_tokens, record.completion_tokens, record.endpoint)
+    if bodies is not None and gw is not None:
+        redact = _secret_redactor(gw.config)
+        logger.debug("request id=%s body: %s", record.request_id, redact(bodies.request.text()))
+        logger.debug("response id=%s body: %s", record.request_id, redact(bodies.response.text()))
+
+
+_DEBUG_BODY_LIMIT: Final = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Capture:
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, data: bytes) -> None:
+        if data and self.size < _DEBUG_BODY_LIMIT:
+            self.parts.append(data[: _DEBUG_BODY_LIMIT - self.size])
+            self.size += len(self.parts[-1])
+
+    def text(self) -> str:
+        return b"".join(self.parts).decode("utf-8", "replace")
+
+
+@dataclass(slots=True)
+class _DebugBodies:
+    """With DEBUG on: the first 64 KiB of each request and response body, for the log."""
+
+    request: _Capture = field(default_factory=_Capture)
+    response: _Capture = field(default_factory=_Capture)
+
+    def wrap(self, receive: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def receive_logged() -> Any:
+            message = await receive()
+            if message.get("type") == "http.request":
+                self.request.add(message.get("body", b""))
+            return message
+
+        return receive_logged
+
+
+def _secret_redactor(config: Config) -> Callable[[str], str]:
+    """Every provider key, provider credential and client key in `config`, replaced by [redacted]."""
+    secrets = {key for provider in config.providers.values() for key in provider.api_keys if key}
+    secrets |= {value for provider in config.providers.values() for name, value in provider.extra.items()
+                if name in ("private_key", "aws_secret_key", "aws_access_key") and value}
+    secrets |= {key.token for key in config.api_keys}
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))) if secrets else None
+
+    def redact(text: str) -> str:
+        text = pattern.sub("[redacted]", text) if pattern else text
+        return _SECRET_PATTERN.sub("[redacted]", text)
+
+    return redact
+
+
 # --- Errors rendered in one place ---
 
 
+# Routes whose clients expect another API's error shape, by request path; all others get OpenAI's envelope.
+_ERROR_SHAPES: Final[Mapping[str, Callable[[str, int], dict[str, Any]]]] = MappingProxyType({
+    "/v1/messages": adapters.messages_error_body,
+    "/v1/messages/count_tokens": adapters.messages_error_body,
+})
+
+
 def _envelope(message: str, type_: str, code: str | None, status: int,
-              headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(adapters.error_body(message, type_, code), status_code=status, headers=headers)
+              headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    shape = _ERROR_SHAPES.get(path)
+    body = shape(message, status) if shape else adapters.error_body(message, type_, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
+    path = request.url.path
     if isinstance(exc, GatewayError):
-        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers)
+        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers, path=path)
     if isinstance(exc, HTTPException):
         type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
-        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers)
+        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers, path=path)
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)
-    logger.exception("unexpected error on %s", request.url.path)
-    return _envelope("Internal error in the gateway.", "server_error", None, 500)
+    logger.exception("unexpected error on %s", path)
+    record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
+    headers = {"x-request-id": record.request_id} if record is not None else None
+    return _envelope("Internal error in the gateway.", "server_error", None, 500, headers, path=path)
 
 
 # --- App ---
@@ -1302,7 +2432,7 @@ async def discover_models(config: Config, session: aiohttp.ClientSession,
                     raise adapter.parse_error(response.status, body)
                 names = adapter.parse_models(adapters.loads(body))
         except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("provider %s: could not list its models (%s); it serves none until restart",
+            logger.warning("provider %s: could not list its models (%s); it serves none until a restart or reload",
                            provider.name, _redact(str(exc) or type(exc).__name__, provider))
             return provider.name, ()
         return provider.name, tuple((name, name) for name in names)
@@ -1317,22 +2447,134 @@ def _socks_session(proxy: str) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=ProxyConnector.from_url(proxy), timeout=aiohttp.ClientTimeout(total=None))
 
 
-def create_app(config: Config, *, scheduler: Scheduler | None = None) -> Starlette:
-    """The Starlette app serving `config`; runtime state is made in its lifespan."""
+# --- Config reload (SIGHUP, or the config file changed) ---
+
+
+async def build_gateway(config: Config, base: Gateway, socks: dict[str, aiohttp.ClientSession]) -> Gateway:
+    """A gateway for `config` sharing `base`'s runtime state (scheduler, sessions, stats), at startup and on reload.
+
+    Model discovery, routes and the moderation check run here; a ConfigError leaves `base` serving. The
+    scheduler is shared, so unchanged channels (value-equal records) keep their cooldowns and rate windows.
+    """
+    base.tokens.forget(n for n, p in config.providers.items() if base.config.providers.get(n, p) != p)
+    routes, known = build_routes(config, await discover_models(config, base.session, base.tokens), int(time.time()))
+    check_moderation(config, routes)
+    for proxy in {p.proxy for p in config.policies.values() if p.proxy and p.proxy.startswith("socks")} - set(socks):
+        socks[proxy] = _socks_session(proxy)  # closed with the others when the app stops
+    return replace(base, config=config, routes=routes, known_models=known, loaded_at=time.time())
+
+
+async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.ClientSession]) -> bool:
+    """Load and validate `source`, then swap `app.state.gateway` in one assignment; a bad config is one log line."""
+    try:
+        gateway = await build_gateway(await reload_config(source), app.state.gateway, socks)
+    except ConfigError as exc:
+        logger.error("config reload failed, the running config stays: %s", exc)
+        return False
+    app.state.gateway = gateway
+    logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
+    return True
+
+
+def file_signature(source: str) -> tuple[int, int] | None:
+    """A local config's mtime and size (one stat, cheap to poll); None for a URL or a path that cannot be read."""
+    if _is_url(source):
+        return None
+    try:
+        stat = os.stat(source)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+async def watch_config(source: str, poll_s: float, wake: asyncio.Event, reload: Callable[[], Awaitable[bool]]) -> None:
+    """Reload when `wake` is set (SIGHUP), and when a local file's signature changed (polled every `poll_s`)."""
+    seen = file_signature(source)
+    interval = poll_s if poll_s > 0 and not _is_url(source) else None
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        current = file_signature(source)
+        if wake.is_set() or current != seen:
+            wake.clear()
+            seen = current
+            try:
+                await reload()
+            except Exception:  # a bug in one reload must not end reloading for the life of the process
+                logger.exception("config reload failed unexpectedly; the running config stays")
+
+
+def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` on SIGHUP and return the undo; a no-op without SIGHUP (Windows) or off the main thread."""
+    sighup = getattr(signal, "SIGHUP", None)
+    loop = asyncio.get_running_loop()
+    if sighup is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        loop.add_signal_handler(sighup, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # a loop without signal support
+        return lambda: None
+    return lambda: loop.remove_signal_handler(sighup)
+
+
+@contextlib.asynccontextmanager
+async def config_reloading(app: Starlette, source: str | None, poll_s: float,
+                           socks: dict[str, aiohttp.ClientSession]) -> AsyncIterator[None]:
+    """While the app runs, reload `source` on SIGHUP and when the file changes; nothing without a source."""
+    if source is None:
+        yield
+        return
+    wake = asyncio.Event()
+    undo = _on_sighup(wake.set)
+    task = asyncio.ensure_future(watch_config(source, poll_s, wake, lambda: reload_gateway(app, source, socks)))
+    try:
+        yield
+    finally:
+        undo()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _start_stats(stats: Stats) -> None:
+    try:
+        await stats.start()
+    except StatsError as exc:  # uvicorn exits with code 3, like a bad config
+        logger.error("error: %s", exc)
+        raise
+
+
+def create_app(config: Config, *, scheduler: Scheduler | None = None, source: str | None = None,
+               poll_seconds: float | None = None, stats_options: StatsOptions | None = None) -> Starlette:
+    """The Starlette app serving `config`; runtime state is made in its lifespan.
+
+    `stats_options` says where statistics go (the CLI reads them from the environment); without it they stay
+    in memory, for /metrics only.
+
+    With `source` (the path or URL `config` came from) the config reloads on SIGHUP and, for a file, when
+    its mtime or size changes, checked every `poll_seconds` (default $CONFIG_POLL_SECONDS, else 2; 0: never).
+    """
+    poll_s = _env_float("CONFIG_POLL_SECONDS", CONFIG_POLL_SECONDS) if poll_seconds is None else poll_seconds
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        proxies = {p.proxy for p in config.policies.values() if p.proxy and p.proxy.startswith("socks")}
-        socks = {proxy: _socks_session(proxy) for proxy in proxies}
+        socks: dict[str, aiohttp.ClientSession] = {}
+        stats = Stats(stats_options)
         try:
-            tokens = TokenCache(session)
-            routes, known = build_routes(config, await discover_models(config, session, tokens), int(time.time()))
-            gateway = Gateway(config, routes, known, scheduler or Scheduler(), session, tokens, socks)
-            app.state.gateway = gateway
-            yield {"gateway": gateway}
+            await _start_stats(stats)
+            base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
+                           TokenCache(session), socks, stats=stats)
+            try:
+                app.state.gateway = await build_gateway(config, base, socks)
+            except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
+                logger.error("error: %s", exc)
+                raise
+            async with config_reloading(app, source, poll_s, socks):
+                yield
         finally:
+            await stats.close()
             for open_session in (session, *socks.values()):
                 await open_session.close()
 
@@ -1340,15 +2582,87 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None) -> Starlet
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
         Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
         Route("/v1/moderations", json_endpoint("moderations", "omni-moderation-latest"), methods=["POST"]),
         Route("/v1/audio/speech", json_endpoint("speech"), methods=["POST"]),
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/status", status_page, methods=["GET"]),
+        Route("/v1/stats", stats_summary, methods=["GET"]),
+        Route("/v1/token_usage", token_usage, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {GatewayError: render_error, HTTPException: render_error,
                                 ClientDisconnected: render_error, Exception: render_error}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(RequestLog)])
+
+
+# --- Connection guards: slow request headers ---
+
+DEFAULT_HEADER_TIMEOUT: Final = 10.0
+DEFAULT_GRACE_PERIOD: Final = 30.0
+
+
+def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection whose request headers take longer than `timeout`.
+
+    uvicorn bounds only idle keep-alive time: a client trickling header bytes (slowloris) would hold its
+    connection and buffers forever. The timer arms on connect and whenever a finished connection gets new
+    bytes; it closes the connection if no new request (uvicorn's `cycle`) began before it fires.
+    """
+    if importlib.util.find_spec("httptools") is not None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class HeaderTimeoutProtocol(Base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm_header_timer()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(timeout, self._headers_overdue, self.cycle)
+
+        def _headers_overdue(self, cycle: Any) -> None:
+            self._header_timer = None
+            if self.cycle is cycle and not self.transport.is_closing():  # no request began since arming
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def _exit_zero(sig: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def _signals_exit_zero() -> Iterator[None]:
+    """SIGTERM/SIGINT end the process with status 0: uvicorn re-raises the signal after its graceful shutdown,
+    which would otherwise kill the process by the signal (-15) or raise KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _exit_zero) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- CLI ---
@@ -1372,15 +2686,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="port (default $PORT)")                                 # type=int: a bad $PORT errs
     parser.add_argument("--check-config", action="store_true", help="validate the config, print a summary, exit")
     parser.add_argument("--version", action="store_true", help="print the version and active speedups")
+    parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
+                        help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
+                             "(default $GRACE_PERIOD, then 30)")
     return parser.parse_args(argv)
 
 
-def run(config: Config, host: str, port: int) -> int:
-    """Serve `config` until interrupted."""
+def run(config: Config, host: str, port: int, source: str | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
+    """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
+
+    SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
+    then cancel what is left and return 0.
+    """
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info" if _debug() else "warning",
-                access_log=_debug(), lifespan="on", server_header=False)
+    app = create_app(config, source=source, stats_options=StatsOptions.from_env())
+    protocol = header_timeout_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
+    with _signals_exit_zero():
+        uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
+                    access_log=_debug(), lifespan="on", server_header=False, http=protocol,
+                    timeout_graceful_shutdown=grace_period)  # type: ignore[arg-type]  # uvicorn waits a float fine
     return 0
 
 
@@ -1404,7 +2730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"{source}: OK\n{summarize(config)}")
         return 0
-    return run(config, args.host, args.port)
+    return run(config, args.host, args.port, source, args.grace_period)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class Reply:
     chunk_delay: float = 0.0
     stall_after: int | None = None  # stop sending (but keep the connection) after N chunks
     reset_after: int | None = None  # drop the connection after N chunks
+    reset_before_headers: bool = False  # drop the connection before sending a status line
     content_type: str | None = None
 
 
@@ -187,6 +188,10 @@ class FakeUpstream:
     async def answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.reset_before_headers:
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(3600)  # cancelled at once: the connection is gone
         if reply.sse is None and reply.raw_chunks is None:
             body = reply.body if reply.body is not None else json.dumps(reply.json).encode()
             return web.Response(status=reply.status, body=body, headers=reply.headers,

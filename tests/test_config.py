@@ -555,7 +555,7 @@ def test_a_provider_name_wins_over_a_client_key_of_the_same_name() -> None:
 
 
 def test_key_preferences_are_parsed() -> None:
-    config = parse(PROVIDER + """\
+    config = parse(PROVIDER.replace("[m]", "[m, omni-moderation-latest]") + """\
 api_keys:
   - api: sk-a
     preferences:
