@@ -120,7 +120,7 @@ PASSTHROUGH_STATUSES: Final = frozenset({400, 413, 422})
 
 async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
     """Frame a byte stream into events: tolerant of split chunks, CRLF, comments and multi-line data."""
-    buffer, event = bytearray(), "message"
+    buffer, event, size = bytearray(), "message", 0
     data: list[str] = []
     async for chunk in chunks:
         buffer += chunk
@@ -136,7 +136,7 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
             if not line:  # a blank line ends one event
                 if data:
                     yield SSEEvent(event, "\n".join(data))
-                event, data = "message", []
+                event, data, size = "message", [], 0
             elif line[0] == ":":
                 continue  # comment or keep-alive
             else:
@@ -144,6 +144,9 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
                 value = value[1:] if value.startswith(" ") else value
                 if name == "data":
                     data.append(value)
+                    size += len(value)
+                    if size > SSE_LINE_LIMIT:  # data lines that never reach a blank line, likewise
+                        raise _line_too_long()
                 elif name == "event":
                     event = value
     # An event without its closing blank line at EOF is dropped, as the SSE specification requires.
@@ -153,7 +156,7 @@ SSE_LINE_LIMIT: Final = 64 * 1024 * 1024  # as uni_api's limit on a whole non-st
 
 
 def _line_too_long() -> UpstreamError:
-    return UpstreamError(502, f"upstream sent a stream line longer than {SSE_LINE_LIMIT} bytes")
+    return UpstreamError(502, f"upstream sent a stream line or event larger than {SSE_LINE_LIMIT} bytes")
 
 
 def sse_frame(obj: Any) -> bytes:
