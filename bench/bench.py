@@ -191,7 +191,7 @@ def start_gateway(procs: Procs, config: Path, cpu: int | None, log: Path) -> tup
     started = time.perf_counter()
     proc = procs.start([sys.executable, str(ROOT / "uni_api.py"), "--config", str(config), "--host", "127.0.0.1",
                         "--port", str(port)], cpu=cpu, cwd=ROOT, stdout=subprocess.DEVNULL,
-                       stderr=log.open("ab"))
+                       stderr=log.open("ab"), env={**os.environ, "DB_PATH": str(config.parent / "stats.db")})
     deadline = started + 20
     auth = {"Authorization": f"Bearer {KEY}"}
     while time.perf_counter() < deadline:
