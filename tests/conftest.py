@@ -53,6 +53,19 @@ def server_loop() -> Iterator[ServerLoop]:
     loop.loop.call_soon_threadsafe(loop.loop.stop)
 
 
+class FakeClock:
+    """A clock for Scheduler(clock=...): time moves only when a test advances it."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,6 +6,7 @@ from collections import Counter
 from types import MappingProxyType
 
 import pytest
+from conftest import FakeClock
 
 from scheduler import (
     KEY_STRATEGIES,
@@ -21,17 +22,6 @@ from scheduler import (
 )
 
 DAY = 86_400.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 A = Channel("alpha", "gpt-4o", "gpt-4o", weight=5, cooldown_s=30)

@@ -19,24 +19,13 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply, chunks, completion, simple_config, to_yaml
+from conftest import FakeClock, FakeUpstream, GatewayServer, Reply, chunks, completion, simple_config, to_yaml
 
 import uni_api
 from scheduler import Scheduler
 
 USER = [{"role": "user", "content": "hi"}]
 TRIGGER = "The bot's usage is covered by the developer"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def start(make_gateway: Any, config: dict[str, Any], seed: int = 0) -> tuple[GatewayServer, FakeClock]:
