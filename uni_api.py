@@ -1708,19 +1708,27 @@ def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -
 
 
 async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
-    """Run `work`, cancelling it (and the upstream call inside) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
+    """Run `work`, cancelling it (and the upstream call inside) if the client disconnects first.
+
+    `work` runs in this task and only the watcher gets a task of its own: one task per request, not two.
+    The watcher's callback runs while this task waits, so it never cancels a task that already moved on."""
+    current = asyncio.current_task()
     watcher = asyncio.ensure_future(_wait_disconnect(request))
+
+    def on_disconnect(done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is None and current is not None:
+            current.cancel()
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected() from None
+        raise
     finally:
+        watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientDisconnected()
 
 
 async def _wait_disconnect(request: Request) -> None:
