@@ -199,6 +199,7 @@ class Config:
     default_timeout: float = DEFAULT_TIMEOUT
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
+    secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
 
 
 # --- Config parsing ---
@@ -383,6 +384,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         request_timeout=None if prefs.get("request_timeout", (int, float)) is None
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
+        secrets=_secrets_pattern(providers.values(), keys),
     )
     _check_moderation_rules(config, entries)
     return config
@@ -1250,10 +1252,9 @@ _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: tr
 _SECRET_PATTERN: Final = re.compile(r"\b(?:sk|pk|rk|key|AIza)[-_A-Za-z0-9*]{12,}")
 
 
-def _redact(text: str, provider: Provider) -> str:
-    for key in provider.api_keys:
-        if key:
-            text = text.replace(key, "[redacted]")
+def _redact_secrets(text: str, secrets: re.Pattern[str] | None) -> str:
+    """`text` with the config's secrets and anything shaped like a key replaced by [redacted]."""
+    text = secrets.sub("[redacted]", text) if secrets else text
     return _SECRET_PATTERN.sub("[redacted]", text)
 
 
@@ -1448,7 +1449,7 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: Reques
             response.close()
             raise
         relay = _relay(frame, _usage_kept(chunks, include_usage, record), response, timeout, created,
-                       target.provider)
+                       gw.config.secrets)
         return StreamingResponse(relay, media_type="text/event-stream", headers=_STREAM_HEADERS)
 
     return send
@@ -1497,7 +1498,7 @@ def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
 
 
 async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
-                 timeout: float, created: int, provider: Provider) -> AsyncIterator[bytes]:
+                 timeout: float, created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
     """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
     try:
         yield first
@@ -1505,7 +1506,7 @@ async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: 
             async for chunk in chunks:
                 yield adapters.sse_frame(_stamp(chunk, created))
     except UpstreamError as exc:
-        reason = _redact(str(exc), provider)  # an upstream may quote the key back in its error
+        reason = _redact_secrets(str(exc), secrets)  # an upstream may quote the key back in its error
         logger.warning("stream failed after its first chunk: %s", reason)
         yield adapters.sse_frame(adapters.error_body(f"upstream failed mid-stream: {reason}", "upstream_error",
                                                      "stream_interrupted"))
@@ -1682,7 +1683,7 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
         _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}", record)
         return exc
     except UpstreamError as exc:
-        exc.message = _redact(exc.message, provider)
+        exc.message = _redact_secrets(exc.message, gw.config.secrets)
         _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
         return exc
     gw.scheduler.record_success(channel)
@@ -2335,9 +2336,9 @@ def _finish(scope: Mapping[str, Any], record: RequestRecord, bodies: _DebugBodie
                     record.provider or "-", record.status, record.total_ms, len(record.attempts),
                     record.prompt_tokens, record.completion_tokens, record.endpoint)
     if bodies is not None and gw is not None:
-        redact = _secret_redactor(gw.config)
-        logger.debug("request id=%s body: %s", record.request_id, redact(bodies.request.text()))
-        logger.debug("response id=%s body: %s", record.request_id, redact(bodies.response.text()))
+        secrets = gw.config.secrets
+        logger.debug("request id=%s body: %s", record.request_id, _redact_secrets(bodies.request.text(), secrets))
+        logger.debug("response id=%s body: %s", record.request_id, _redact_secrets(bodies.response.text(), secrets))
 
 
 _DEBUG_BODY_LIMIT: Final = 64 * 1024
@@ -2374,19 +2375,14 @@ class _DebugBodies:
         return receive_logged
 
 
-def _secret_redactor(config: Config) -> Callable[[str], str]:
-    """Every provider key, provider credential and client key in `config`, replaced by [redacted]."""
-    secrets = {key for provider in config.providers.values() for key in provider.api_keys if key}
-    secrets |= {value for provider in config.providers.values() for name, value in provider.extra.items()
+def _secrets_pattern(providers: Iterable[Provider], keys: Iterable[ApiKey]) -> re.Pattern[str] | None:
+    """Every provider key, provider credential and client key, longest first, as one pattern (built at load)."""
+    providers = tuple(providers)
+    secrets = {key for provider in providers for key in provider.api_keys if key}
+    secrets |= {value for provider in providers for name, value in provider.extra.items()
                 if name in ("private_key", "aws_secret_key", "aws_access_key") and value}
-    secrets |= {key.token for key in config.api_keys}
-    pattern = re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))) if secrets else None
-
-    def redact(text: str) -> str:
-        text = pattern.sub("[redacted]", text) if pattern else text
-        return _SECRET_PATTERN.sub("[redacted]", text)
-
-    return redact
+    secrets |= {key.token for key in keys}
+    return re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))) if secrets else None
 
 
 # --- Errors rendered in one place ---
@@ -2442,7 +2438,7 @@ async def discover_models(config: Config, session: aiohttp.ClientSession,
                 names = adapter.parse_models(adapters.loads(body))
         except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
             logger.warning("provider %s: could not list its models (%s); it serves none until a restart or reload",
-                           provider.name, _redact(str(exc) or type(exc).__name__, provider))
+                           provider.name, _redact_secrets(str(exc) or type(exc).__name__, config.secrets))
             return provider.name, ()
         return provider.name, tuple((name, name) for name in names)
 
