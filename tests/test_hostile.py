@@ -103,7 +103,10 @@ def assert_envelope_or_answer(response: httpx.Response, path: str) -> None:
         assert len(response.content) < 4096  # the body is never echoed back whole
         return
     kind = response.headers.get("content-type", "")
-    if kind.startswith("text/event-stream"):
+    if kind.startswith("text/event-stream") and path == "/v1/messages":  # Anthropic's stream ends like this
+        last = response.text.rstrip("\n").rsplit("\n\n", 1)[-1]
+        assert response.text.endswith("\n\n") and last.split("\n", 1)[0] in ("event: message_stop", "event: error")
+    elif kind.startswith("text/event-stream"):
         assert response.text.endswith("data: [DONE]\n\n")
     elif kind.startswith("application/json"):
         answer = response.json()
