@@ -22,11 +22,16 @@ import openai
 import pytest
 import uvicorn
 from aiohttp import web
+from hypothesis import settings
 from ruamel.yaml import YAML
 
 import uni_api
 
 T = TypeVar("T")
+
+# Hypothesis draws the same examples on every run, so a run of the suite is reproducible (CI included).
+settings.register_profile("uni-api", derandomize=True, database=None)
+settings.load_profile("uni-api")
 
 
 @pytest.fixture
