@@ -258,3 +258,27 @@ def test_a_config_served_over_http_is_checked_like_a_file(upstream: FakeUpstream
     result = run_cli("--check-config", "--config", url)
     assert result.returncode == 1
     assert stderr_line(result) == f"error: {url}:3: providers[0].base_url: expected a URL"
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc/<pid>/cmdline")
+def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_arguments(tmp_path: Path) -> None:
+    """CPython holds a script's syntax tree until the script returns: the server must not run inside it."""
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    args = ["--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPT), *args], cwd=tmp_path,
+                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not listening(port):
+            assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.05)
+        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        assert argv[:4] == [sys.executable, "-X", "faulthandler", "-c"]
+        assert "import uni_api" in argv[4]
+        assert argv[5:] == [str(SCRIPT), *args]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}
+                         ).status_code == 200
+    finally:
+        process.terminate()
+        assert process.wait(5) == 0
