@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -23,10 +24,12 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -348,15 +351,41 @@ def _gemini_events(n: int) -> list[tuple[str, str]]:
     return [("message", part(" tok")) for _ in range(n - 1)] + [("message", part("", "STOP", True))]
 
 
+def _aws_events(n: int) -> list[tuple[str, str]]:
+    """Bedrock carries the Anthropic events, each as one event-stream `chunk` message."""
+    return [("chunk", data) for _, data in _claude_events(n)]
+
+
 # Representative upstream events per engine (first the recorded fixture where tests/fixtures has one).
 ENGINE_EVENTS = {"gpt": _openai_events, "openrouter": _openai_events, "azure": _openai_events,
                  "cohere": _cohere_events, "cloudflare": _cloudflare_events, "claude": _claude_events,
-                 "vertex-claude": _claude_events, "gemini": _gemini_events, "vertex-gemini": _gemini_events}
+                 "vertex-claude": _claude_events, "aws": _aws_events, "gemini": _gemini_events,
+                 "vertex-gemini": _gemini_events}
 
 
 def _sse_bytes(events: list[tuple[str, str]]) -> bytes:
     return b"".join((f"event: {n}\n" if n != "message" else "").encode() + f"data: {d}\n\n".encode()
                     for n, d in events)
+
+
+_AWS_CHUNK_HEADERS = b"".join(bytes([len(k)]) + k.encode() + b"\x07" + struct.pack(">H", len(v)) + v.encode()
+                              for k, v in ((":event-type", "chunk"), (":content-type", "application/json"),
+                                           (":message-type", "event")))
+
+
+def _aws_bytes(events: list[tuple[str, str]]) -> bytes:
+    """AWS event-stream messages (prelude and its CRC, string headers, payload, message CRC): Bedrock's
+    InvokeModelWithResponseStream framing, each payload {"bytes": base64 of one event}."""
+    out = bytearray()
+    for _, data in events:
+        payload = json.dumps({"bytes": base64.b64encode(data.encode()).decode()}).encode()
+        prelude = struct.pack(">II", 16 + len(_AWS_CHUNK_HEADERS) + len(payload), len(_AWS_CHUNK_HEADERS))
+        message = prelude + struct.pack(">I", zlib.crc32(prelude)) + _AWS_CHUNK_HEADERS + payload
+        out += message + struct.pack(">I", zlib.crc32(message))
+    return bytes(out)
+
+
+WIRE_ENCODERS = {"sse": _sse_bytes, "aws": _aws_bytes}
 
 
 async def _convert_once(adapter: Any, events: list[Any], raw: bytes | None) -> int:
@@ -400,7 +429,8 @@ def stream_microbench(quick: bool) -> dict[str, Any]:
             continue
         pairs = maker(n)
         events = [adapters.SSEEvent(name, data) for name, data in pairs]
-        raw = _sse_bytes(pairs) if adapter.stream_format == "sse" else None
+        encode = WIRE_ENCODERS.get(adapter.stream_format)
+        raw = encode(pairs) if encode else None
         entry: dict[str, Any] = {"events": len(events)}
         try:
             for label, feed_raw in (("parse_us", None), ("full_us", raw)):
