@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import compileall
 import contextlib
 import json
 import os
@@ -220,6 +221,67 @@ def memory_mb(pid: int) -> dict[str, float]:
     return {k: round(int(v) / 1024, 1) for k, v in values.items()}
 
 
+# The stack in layers, imported one after another into a fresh interpreter: what each costs in RSS before
+# any gateway code runs. A layer's missing optional modules (the speedups) are skipped.
+MEMORY_LAYERS = (
+    ("interpreter", ()),
+    ("asyncio + ssl", ("asyncio", "ssl")),
+    ("aiohttp", ("aiohttp",)),
+    ("starlette, uvicorn, ruamel.yaml", ("starlette.applications", "starlette.routing", "starlette.responses",
+                                         "uvicorn", "uvicorn.server", "uvicorn.lifespan.on",
+                                         "uvicorn.protocols.http.auto", "ruamel.yaml")),
+    ("speedups (uvloop, httptools, orjson)", ("uvloop", "httptools", "orjson")),
+    ("uni_api, adapters, scheduler (imported)", ("uni_api",)),
+)
+_LAYERS_SCRIPT = """
+import importlib, json, re, sys
+sys.path.insert(0, sys.argv[1])
+def rss():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmRSS:\\s+(\\d+)", status.read()).group(1)) / 1024
+out = []
+for label, modules in json.loads(sys.argv[2]):
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    out.append([label, round(rss(), 1)])
+print(json.dumps(out))
+"""
+
+
+def memory_layers() -> list[tuple[str, float, float]]:
+    """(layer, RSS MB after importing it and every layer before, MB the layer added)."""
+    proc = subprocess.run([sys.executable, "-c", _LAYERS_SCRIPT, str(ROOT), json.dumps(MEMORY_LAYERS)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"measuring the import layers failed:\n{proc.stderr[-2000:]}")
+    rows, before = [], 0.0
+    for label, total in json.loads(proc.stdout):
+        rows.append((label, total, round(total - before, 1)))
+        before = total
+    return rows
+
+
+def measure_floor(procs: Procs, up_port: int, core: dict, *, rounds: int, warmup: float, duration: float
+                  ) -> dict[str, Any]:
+    """bench/floor.py (uvicorn + Starlette + one aiohttp call, none of the gateway) at non-stream c16."""
+    port = free_port()
+    proc = procs.start([sys.executable, str(HERE / "floor.py"), str(port),
+                        f"http://127.0.0.1:{up_port}/json/v1/chat/completions"], cpu=core["gateway"])
+    try:
+        wait_port(port, proc)
+        runs = [run_loadgen(procs, port=port, path="/v1/chat/completions", kind="nonstream", concurrency=16,
+                            warmup=warmup, duration=duration, cpu=core["load"], watch_pid=proc.pid)
+                for _ in range(rounds)]
+    finally:
+        procs.stop(proc)
+    merged = merge(runs)
+    merged["cpu_ms_per_request"] = round(1000 * merged["cpu_s"] / merged["requests"], 4) if merged["requests"] else None
+    return merged
+
+
 # --- Load ---
 
 
@@ -230,10 +292,11 @@ def request_body(kind: str) -> dict[str, Any]:
 
 
 def run_loadgen(procs: Procs, *, port: int, path: str, kind: str, concurrency: int, warmup: float,
-                duration: float, cpu: int | None, watch_pid: int | None) -> dict[str, Any]:
+                duration: float, cpu: int | None, watch_pid: int | None, requests: int | None = None
+                ) -> dict[str, Any]:
     spec = {"host": "127.0.0.1", "port": port, "path": path, "body": request_body(kind), "cpu": cpu,
             "headers": {"Authorization": f"Bearer {KEY}"}, "concurrency": concurrency, "warmup": warmup,
-            "duration": duration}
+            "duration": duration, "requests": requests}
     proc = procs.start([sys.executable, str(HERE / "loadgen.py"), json.dumps(spec)], stdout=subprocess.PIPE,
                        text=True)
     try:
@@ -416,11 +479,12 @@ async def _convert_once(adapter: Any, events: list[Any], raw: bytes | None) -> i
     return count
 
 
-def stream_microbench(quick: bool) -> dict[str, Any]:
-    """Per upstream event: parse_stream alone, and framing + parse_stream + sse_frame."""
+def stream_microbench(budget: float) -> dict[str, Any]:
+    """Per upstream event: parse_stream alone, and framing + parse_stream + sse_frame, each timed for about
+    `budget` seconds (best run counts)."""
     import adapters
 
-    n, budget = 200, 0.3 if quick else 1.0
+    n = 200
     results: dict[str, Any] = {}
     for engine, adapter in adapters.ADAPTERS.items():
         maker = ENGINE_EVENTS.get(engine)
@@ -557,8 +621,22 @@ def render(results: dict[str, Any]) -> str:
                      f"{_fmt(up['ttfb_p50_ms'] if cell['kind'] == 'stream' else None):>8}"
                      f"{gw['errors'] + up['errors']:>5}")
     mem, cold = results["memory_mb"], results["cold_start_s"]
-    lines += ["", f"RSS idle {mem['idle_rss']} MB, peak (VmHWM) {mem['peak_hwm']} MB; cold start (exec -> first "
-                  f"200 on /v1/models) runs {cold['runs']} median {cold['median']} s", "",
+    lines += ["", f"RSS idle {mem['idle_rss']} MB, after the cells {mem['after_cells_rss']} MB, after "
+                  f"{mem['soak_requests']} more requests {mem['end_rss']} MB (growth {mem['growth']} MB), peak "
+                  f"(VmHWM) {mem['peak_hwm']} MB",
+              f"cold start (exec -> first 200 on /v1/models) runs {cold['runs']} median {cold['median']} s", "",
+              "RSS by layer, imported one after another into a fresh interpreter (MB):"]
+    lines += [f"  {label:<44}{added:>+6.1f}  = {total:5.1f}" for label, total, added in mem["layers"]]
+    floor, cell = results["stack_floor"], next(c for c in results["cells"] if (c["kind"], c["concurrency"]) ==
+                                               ("nonstream", 16))
+    own = (None if None in (floor["cpu_ms_per_request"], cell["cpu_ms_per_request"])
+           else round(cell["cpu_ms_per_request"] - floor["cpu_ms_per_request"], 3))
+    stack_note = ["", f"stack floor (bench/floor.py: uvicorn + Starlette + one aiohttp call, no gateway logic), "
+                      f"non-stream c16: {floor['rps']:.0f} req/s, {_fmt(floor['cpu_ms_per_request'], '.3f')} ms CPU "
+                      f"per request; the gateway's own work adds {_fmt(own, '.3f')} ms"]
+    running = round(mem["idle_rss"] - mem["layers"][-1][1], 1)
+    lines += [f"  {'running (config, sessions, stats, event loop)':<44}{running:>+6.1f}  = {mem['idle_rss']:5.1f}",
+              *stack_note, "",
               "stream conversion per upstream event (best of repeated runs, 200 events):",
               f"  {'engine':<14}{'parse_stream µs':>16}{'framing+parse+frame µs':>24}"]
     for engine, entry in results["stream_conversion"].items():
@@ -588,6 +666,8 @@ def judge(results: dict[str, Any]) -> dict[str, tuple[Any, Any, bool | None]]:
             for e in results["stream_conversion"].values() if "skipped" not in e]
     skipped = any("skipped" in e for e in results["stream_conversion"].values())
     worst = max(conv) if conv else None
+    mem = results["memory_mb"]
+    floor = mem["layers"][-2][1]  # every layer but ours
     check = lambda v, ok: (None if v is None else ok(v))  # noqa: E731
     return {
         "gateway CPU per passthrough request (ms, c16)": (cpu, "<= 0.5", check(cpu, lambda v: v <= 0.5)),
@@ -595,8 +675,10 @@ def judge(results: dict[str, Any]) -> dict[str, tuple[Any, Any, bool | None]]:
         "non-stream req/s at c16": (rps, ">= 1500", check(rps, lambda v: v >= 1500)),
         "stream conversion, worst engine (µs/chunk)" + (" [some skipped]" if skipped else ""):
             (worst, "<= 20", check(worst, lambda v: v <= 20)),
-        "idle RSS (MB)": (results["memory_mb"]["idle_rss"], "<= 40",
-                          check(results["memory_mb"]["idle_rss"], lambda v: v <= 40)),
+        f"idle RSS (MB; the dependencies' imports alone: {floor})": (mem["idle_rss"], "<= 40",
+                                                                      check(mem["idle_rss"], lambda v: v <= 40)),
+        f"RSS growth over {mem['soak_requests']} requests (MB)": (mem["growth"], "< 10",
+                                                                  check(mem["growth"], lambda v: v < 10)),
         "cold start, median (s)": (results["cold_start_s"]["median"], "< 1",
                                    check(results["cold_start_s"]["median"], lambda v: v < 1)),
     }
@@ -619,9 +701,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run: a few seconds per cell")
     parser.add_argument("--profile", action="store_true", help="also profile the gateway with py-spy")
+    parser.add_argument("--requests", type=int, help="requests of the memory soak (default 100000, quick 10000)")
     parser.add_argument("--output", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
     rounds, duration, warmup, cold_runs = (1, 1.5, 0.3, 2) if args.quick else (2, 3.0, 0.5, 3)
+    soak_requests = args.requests or (10_000 if args.quick else 100_000)
+    # Python caches bytecode on a module's first import; start from that state even where it is not written
+    # (PYTHONDONTWRITEBYTECODE), as compiling from source on every start would count in RSS and cold start.
+    for name in ("uni_api.py", "adapters.py", "scheduler.py"):
+        compileall.compile_file(str(ROOT / name), quiet=2)
     core = cores()
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="uni-api-bench-"))
@@ -662,15 +750,23 @@ def main(argv: list[str] | None = None) -> int:
                     if gateway["requests"] else None})
                 print(f"  {kind} c{conc}: gateway {gateway['rps']:.0f} req/s, direct {direct['rps']:.0f} req/s",
                       file=sys.stderr, flush=True)
+        floor = measure_floor(procs, up_port, core, rounds=rounds, warmup=warmup, duration=duration)
+        warm = memory_mb(gw.pid)
+        soak = run_loadgen(procs, port=gw_port, path="/v1/chat/completions", kind="nonstream", concurrency=64,
+                           warmup=0.0, duration=900.0, cpu=core["load"], watch_pid=None, requests=soak_requests)
+        print(f"  memory soak: {soak['requests']} requests at c64, {soak['errors']} errors", file=sys.stderr)
         peak = memory_mb(gw.pid)
         results: dict[str, Any] = {
             "mode": "quick" if args.quick else "default", "upstream": up_kind,
             "loader": "wrk (non-stream) + bench/loadgen.py (stream)" if use_wrk else "bench/loadgen.py (asyncio)",
             "cores": core, "speedups": _speedups(), "python": sys.version.split()[0],
             "cells": cells, "memory_mb": {"idle_rss": idle.get("VmRSS"), "peak_hwm": peak.get("VmHWM"),
-                                          "end_rss": peak.get("VmRSS")},
+                                          "after_cells_rss": warm.get("VmRSS"), "end_rss": peak.get("VmRSS"),
+                                          "soak_requests": soak["requests"], "soak_errors": soak["errors"],
+                                          "growth": round(peak["VmRSS"] - idle["VmRSS"], 1),
+                                          "layers": memory_layers()},
             "cold_start_s": {"runs": colds, "median": statistics.median(colds)},
-            "stream_conversion": stream_microbench(args.quick),
+            "stack_floor": floor, "stream_conversion": stream_microbench(0.3 if args.quick else 1.0),
         }
         if args.profile:
             results["profile"] = profile_gateway(procs, tmp, gw.pid, gw_port, core, 4 if args.quick else 8)

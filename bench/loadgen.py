@@ -1,7 +1,8 @@
 """A cheap HTTP/1.1 keep-alive load generator on raw asyncio streams (no SDK, no httpx).
 
 `python bench/loadgen.py SPEC_JSON`; SPEC has host, port, path, body, headers, concurrency, warmup,
-duration, cpu. Prints "START" when the measured window opens, then one JSON line of results.
+duration, cpu and optionally requests (stop after that many; duration still caps the run). Prints "START"
+when the measured window opens, then one JSON line of results.
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ async def run(spec: dict) -> dict:
     state["measuring"] = True
     print("START", flush=True)
     started = time.perf_counter()
-    await asyncio.sleep(spec["duration"])
+    if spec.get("requests"):
+        while len(state["latency"]) < spec["requests"] and time.perf_counter() - started < spec["duration"]:
+            await asyncio.sleep(0.05)
+    else:
+        await asyncio.sleep(spec["duration"])
     state["stop"] = True
     elapsed = time.perf_counter() - started
     await asyncio.wait(tasks, timeout=10)
