@@ -35,7 +35,6 @@ import signal
 import sqlite3
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -2284,8 +2283,8 @@ def _request_id(scope: Mapping[str, Any]) -> str:
     for name, value in scope.get("headers") or ():
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            return text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
-    return uuid.uuid4().hex
+            return text if _REQUEST_ID.fullmatch(text) else os.urandom(16).hex()
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID object per request
 
 
 class RequestLog:
@@ -2625,40 +2624,61 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
                      middleware=[Middleware(RequestLog)])
 
 
-# --- Connection guards: slow request headers ---
+# --- Connection guards: slow request headers and bodies ---
 
 DEFAULT_HEADER_TIMEOUT: Final = 10.0
 DEFAULT_GRACE_PERIOD: Final = 30.0
 
 
-def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, closing a connection whose request headers take longer than `timeout`.
+def slow_client_protocol(timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection whose request headers take longer than `timeout`, or
+    whose request body pauses for longer than `timeout` between two reads.
 
-    uvicorn bounds only idle keep-alive time: a client trickling header bytes (slowloris) would hold its
-    connection and buffers forever. The timer arms on connect and whenever a finished connection gets new
-    bytes; it closes the connection if no new request (uvicorn's `cycle`) began before it fires.
+    uvicorn bounds only idle keep-alive time: a client trickling header bytes (slowloris) or stopping half
+    way through its body would hold its connection and buffers forever. The header timer arms on connect and
+    whenever a finished connection gets new bytes; it closes the connection if no new request (uvicorn's
+    `cycle`) began before it fires. The body timer arms only when a read leaves a body unfinished, so a
+    request that arrives whole costs nothing; the app then sees the client's disconnect.
     """
     if importlib.util.find_spec("httptools") is not None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     else:
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
-    class HeaderTimeoutProtocol(Base):  # type: ignore[misc, valid-type]
+    class SlowClientProtocol(Base):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_header_timer()
 
+        _body_timer: asyncio.TimerHandle | None = None
+        _reads = 0  # data_received calls: the body timer tells a pause from progress by them
+
         def data_received(self, data: bytes) -> None:
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._arm_header_timer()
             super().data_received(data)
+            self._reads += 1
+            if self._body_timer is None and self.cycle is not None and self.cycle.more_body:
+                self._body_timer = self.loop.call_later(timeout, self._body_overdue, self.cycle, self._reads)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
+            for timer in (self._header_timer, self._body_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def _body_overdue(self, cycle: Any, reads: int) -> None:
+            self._body_timer = None
+            if self.cycle is not cycle or not cycle.more_body or self.transport.is_closing():
+                return
+            # Not a byte for `timeout` seconds, and not because the app was slow to take the body (uvicorn
+            # then pauses reading): the client stalled.
+            if self._reads == reads and not self.flow.read_paused:
+                self.transport.close()
+            else:
+                self._body_timer = self.loop.call_later(timeout, self._body_overdue, cycle, self._reads)
 
         def _arm_header_timer(self) -> None:
             self._header_timer = self.loop.call_later(timeout, self._headers_overdue, self.cycle)
@@ -2668,7 +2688,7 @@ def header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
             if self.cycle is cycle and not self.transport.is_closing():  # no request began since arming
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return SlowClientProtocol
 
 
 def _exit_zero(sig: int, frame: Any) -> None:
@@ -2727,7 +2747,7 @@ def run(config: Config, host: str, port: int, source: str | None = None,
     import uvicorn
 
     app = create_app(config, source=source, stats_options=StatsOptions.from_env())
-    protocol = header_timeout_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
+    protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
     with _signals_exit_zero():
         uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
                     access_log=_debug(), lifespan="on", server_header=False, http=protocol,

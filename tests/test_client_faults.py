@@ -109,3 +109,30 @@ def test_headers_trickled_one_byte_a_second_are_cut_off_while_others_are_served(
         assert idle.recv(1) == b""  # a connection that never sent a byte is closed too
         slow.close()
         idle.close()
+
+
+def _post_head(length: int) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-client\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n")
+
+
+def test_a_body_that_stops_half_way_is_cut_off_while_a_slow_steady_one_is_served(upstream: FakeUpstream,
+                                                                                   tmp_path: Path) -> None:
+    body = json.dumps({"model": "gpt-4o", "messages": USER}).encode()
+    with gateway_process(simple_config(upstream), tmp_path, HEADER_TIMEOUT="1.0") as gateway:
+        stalled = socket.create_connection(("127.0.0.1", gateway.port))
+        stalled.sendall(_post_head(len(body)) + body[:10])
+        steady = socket.create_connection(("127.0.0.1", gateway.port))
+        steady.sendall(_post_head(len(body)))
+        started = time.monotonic()
+        for i in range(0, len(body), len(body) // 4 + 1):  # a piece every 0.6 s: 2.4 s in all, never a 1 s pause
+            time.sleep(0.6)
+            steady.sendall(body[i:i + len(body) // 4 + 1])
+        steady.settimeout(5)
+        answer = steady.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        stalled.settimeout(max(0.1, 3.0 - (time.monotonic() - started)))
+        assert stalled.recv(65536) == b""  # closed within two timeouts of its last byte, without an answer
+        assert len(upstream.received) == 1  # only the whole body reached the upstream
+        steady.close()
+        stalled.close()
