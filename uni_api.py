@@ -2766,6 +2766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.DEBUG if _debug() else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The format names no source line, thread, process or task: each request's log lines skip looking them up
+    # (the logging HOWTO's "Optimization" switches).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+
     source = args.config or os.environ.get("CONFIG_URL") or "api.yaml"
     try:
         config = load_config(source)
