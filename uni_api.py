@@ -1684,7 +1684,7 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
         return await send(channel, adapter, target, timeout)
 
     try:
-        response = await asyncio.wait_for(send_once(), None if left == math.inf else left)
+        response = await _within(None if left == math.inf else left, send_once())
     except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
         exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
         _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}", record)
@@ -1696,6 +1696,15 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
     gw.scheduler.record_success(channel)
     _log_attempt(key, channel, index, response.status_code, started, "", record)
     return response
+
+
+async def _within(seconds: float | None, work: Awaitable[T]) -> T:
+    """`await work`, raising TimeoutError after `seconds`. asyncio.timeout (3.11+) cancels this task in place;
+    asyncio.wait_for, the 3.10 fallback, runs `work` in a task of its own (one more per attempt there)."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(work, seconds)
+    async with asyncio.timeout(seconds):
+        return await work
 
 
 def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started: float, why: str,
