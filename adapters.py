@@ -678,7 +678,7 @@ def to_claude_request(body: Mapping[str, Any], tools: bool = True) -> dict[str, 
     return request
 
 
-def _claude_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
+def claude_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
     """prompt_tokens counts fresh, cache-written and cache-read input; cache reads are the cached tokens."""
     prompt = sum(int(usage.get(name) or 0)
                  for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
@@ -805,7 +805,7 @@ class ClaudeAdapter(Adapter):
         if calls:
             message["tool_calls"] = calls
         finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")
-        usage = _claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
+        usage = claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
         return build_completion(model, created or 0, message, finish, usage)
 
     async def parse_stream(
@@ -825,7 +825,7 @@ class ClaudeAdapter(Adapter):
                 raise UpstreamError(502, "upstream stream ended before message_stop")
         yield state.chunk({}, _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop"))
         if include_usage:
-            yield build_usage_chunk(state.chunk_id, model, state.created, _claude_usage(state.usage))
+            yield build_usage_chunk(state.chunk_id, model, state.created, claude_usage(state.usage))
 
 
 class VertexClaudeAdapter(ClaudeAdapter):

@@ -2054,9 +2054,11 @@ def _stream_failed(message: str) -> bytes:
     return _event_frame(adapters.messages_error_body(message, 502))
 
 
-def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str]) -> Send:
+def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
+                       record: RequestRecord | None = None) -> Send:
     """One attempt on a Messages-speaking channel: the body as sent and the answer as received, but for the model
-    name; a stream commits after the first upstream event (an error event there fails the attempt)."""
+    name; a stream commits after the first upstream event (an error event there fails the attempt). The usage
+    the answer reports goes on `record`."""
     triggers = gw.config.error_triggers
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -2070,22 +2072,48 @@ def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_
             if not body.get("stream"):
                 raw = await _read(response, timeout)
                 _check_triggers(raw.decode("utf-8", "replace"), triggers)
+                _note_usage(record, {}, "message", raw)
                 return _json_response(adapters.rename_model(raw, model))
             events = native.iter_events(response.content.iter_any())
             with _transport_errors(timeout):
                 first = await events.__anext__()
-            frame = _native_frame(first, model, adapters.first_messages_event(first))
+            name = adapters.first_messages_event(first)
+            frame = _native_frame(first, model, name)
             _check_triggers(frame.decode("utf-8", "replace"), triggers)
+            usage: dict[str, Any] = {}
+            _note_usage(record, usage, name, first.data)
         except StopAsyncIteration:
             response.close()
             raise UpstreamError(502, "upstream stream ended before its first event") from None
         except BaseException:
             response.close()
             raise
-        return StreamingResponse(_relay_native(frame, events, response, timeout, model),
+        return StreamingResponse(_relay_native(frame, events, response, timeout, model, record, usage),
                                  media_type="text/event-stream", headers=_STREAM_HEADERS)
 
     return send
+
+
+# "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
+# cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
+_USAGE_PATHS: Final = MappingProxyType({"message": ("usage",), "message_start": ("message", "usage"),
+                                        "message_delta": ("usage",)})
+
+
+def _note_usage(record: RequestRecord | None, usage: dict[str, Any], name: str, data: bytes | str) -> None:
+    """Merge the usage an Anthropic answer or stream event `name` reports into `usage`, and note it on `record`."""
+    path = _USAGE_PATHS.get(name)
+    if record is None or path is None:
+        return
+    try:
+        found: Any = adapters.loads(data)
+        for step in path:
+            found = found.get(step)
+    except (ValueError, AttributeError, RecursionError):  # not JSON, or not the documented shape: nothing to count
+        return
+    if isinstance(found, Mapping):
+        usage.update((k, v) for k, v in found.items() if v is not None)
+        record.add_usage(adapters.claude_usage(usage))
 
 
 def _native_frame(event: adapters.SSEEvent, model: str, name: str) -> bytes:
@@ -2094,7 +2122,8 @@ def _native_frame(event: adapters.SSEEvent, model: str, name: str) -> bytes:
 
 
 async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], response: aiohttp.ClientResponse,
-                        timeout: float, model: str) -> AsyncIterator[bytes]:
+                        timeout: float, model: str, record: RequestRecord | None, usage: dict[str, Any]
+                        ) -> AsyncIterator[bytes]:
     """The committed passthrough stream; a cut before message_stop ends it with an error event."""
     try:
         yield first
@@ -2102,6 +2131,7 @@ async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], 
         with _transport_errors(timeout):
             async for event in events:
                 name = adapters.messages_event_name(event)
+                _note_usage(record, usage, name, event.data)
                 yield _native_frame(event, model, name)
         if name not in ("message_stop", "error"):
             raise UpstreamError(502, "upstream stream ended before message_stop")
@@ -2112,9 +2142,10 @@ async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], 
         response.close()
 
 
-def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str]) -> Send:
+def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
+                    record: RequestRecord | None = None) -> Send:
     """One attempt: passthrough on a Messages-speaking channel, else the OpenAI conversion through chat_sender."""
-    passthrough = passthrough_sender(gw, body, model, client_headers)
+    passthrough = passthrough_sender(gw, body, model, client_headers, record)
     stop_sequences = tuple(body.get("stop_sequences") or ())
     converted: list[Send] = []
 
@@ -2122,7 +2153,7 @@ def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_hea
         if channel.engine in adapters.MESSAGES_PASSTHROUGH:
             return await passthrough(channel, adapter, target, timeout)
         if not converted:  # once per request; UpstreamError(400, retryable) when only a Claude channel could serve it
-            converted.append(chat_sender(gw, adapters.from_messages_request(body), model))
+            converted.append(chat_sender(gw, adapters.from_messages_request(body), model, record))
         response = await converted[0](channel, adapter, target, timeout)
         if not isinstance(response, StreamingResponse):
             completion = adapters.loads(response.body)
@@ -2159,12 +2190,12 @@ async def _relay_events(events: AsyncIterator[dict[str, Any]], frames: Any) -> A
 
 
 async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                        client_headers: Mapping[str, str]) -> Response:
+                        client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
     """chat_flow for Messages requests: admission, moderation when the key has it on, then the attempts."""
     channels = admit(gw, key, model)
     if key.moderation:
         await moderate(gw, key, body)  # last_user_text reads Messages turns as well
-    return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers))
+    return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers, record), record)
 
 
 async def messages(request: Request) -> Response:
@@ -2172,7 +2203,8 @@ async def messages(request: Request) -> Response:
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
     model = validate_messages(body)
-    return await until_disconnect(request, messages_flow(gw, key, model, body, request.headers))
+    return await until_disconnect(request, messages_flow(gw, key, model, body, request.headers,
+                                                         _track(request, key, model)))
 
 
 def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
@@ -2200,10 +2232,11 @@ async def count_tokens(request: Request) -> Response:
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
     model = validate_messages(body)
+    record = _track(request, key, model)
     channels = channels_for(gw, key, model)
     if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
         return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
-    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body)))
+    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
 
 
 # --- Stats routes and the request log ---

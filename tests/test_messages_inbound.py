@@ -8,6 +8,7 @@ framing), "Handling stop reasons", "Errors" (error shapes and statuses), "Count 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from conftest import FakeUpstream, GatewayServer, Reply, chunks, completion, sim
 from test_adapters_aws import chunk_frame
 
 import adapters
+import uni_api
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MakeGateway = Callable[..., GatewayServer]
@@ -536,3 +538,31 @@ def test_server_tools_need_a_claude_channel(upstream: FakeUpstream, make_gateway
         client(gateway).messages.create(model="gpt-4o", max_tokens=5, messages=HI,
                                         tools=[{"type": "web_search_20250305", "name": "web_search"}])
     assert "needs a Claude channel" in error.value.message and upstream.received == []
+
+
+# --- Statistics: Messages requests are counted like chat requests ---
+
+
+def test_messages_requests_are_recorded_with_key_model_provider_and_tokens(
+        make_upstream: Callable[[], FakeUpstream], make_gateway: MakeGateway, tmp_path: Path) -> None:
+    ant, gpt = make_upstream(), make_upstream()
+    db = tmp_path / "stats.db"
+    gateway = make_gateway(config_of(claude_provider(ant), *gpt_config(gpt)["providers"]),
+                           stats_options=uni_api.StatsOptions(str(db)))
+    ant.enqueue(body=(FIXTURES / "claude" / "basic.upstream.json").read_bytes())  # usage 2095 in, 503 out
+    ant.enqueue(raw_chunks(FIXTURES / "claude" / "basic_stream.upstream.sse"))  # 25 in, then 15 out
+    gpt.enqueue(json=completion("hi", usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}))
+    gpt.enqueue(sse=chunks(["a", "b", "c"], usage=True))  # 5 in, 3 out
+    client(gateway).messages.create(model="sonnet", max_tokens=10, messages=HI)
+    post_stream(gateway, {"model": "sonnet", "max_tokens": 10, "messages": HI})
+    client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=HI)
+    post_stream(gateway, {"model": "gpt-4o", "max_tokens": 10, "messages": HI})
+    gateway.server_loop.run(gateway.state.stats.flush())
+    with sqlite3.connect(db) as connection:
+        found = connection.execute("SELECT key, model, provider, upstream_model, endpoint, status, attempts,"
+                                   " prompt_tokens, completion_tokens FROM requests ORDER BY id").fetchall()
+    assert found == [
+        ("sk-clie...", "sonnet", "ant", "claude-sonnet-4-5-20250929", "POST /v1/messages", 200, 1, 2095, 503),
+        ("sk-clie...", "sonnet", "ant", "claude-sonnet-4-5-20250929", "POST /v1/messages", 200, 1, 25, 15),
+        ("sk-clie...", "gpt-4o", "up0", "gpt-4o", "POST /v1/messages", 200, 1, 7, 2),
+        ("sk-clie...", "gpt-4o", "up0", "gpt-4o", "POST /v1/messages", 200, 1, 5, 3)]
