@@ -244,6 +244,8 @@ class _Node:
                 raise self.error(f"missing required key '{key}'")
             return default
         value = self.data[key]  # ${VAR} placeholders were expanded once, on load
+        if str not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+            value = _typed(value)
         if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
             raise self.error(f"expected {_kind_names(kinds)}, got a boolean", key)
         if not isinstance(value, kinds):
@@ -278,6 +280,8 @@ def _config_error(source: str, line: int, path: str, message: str) -> ConfigErro
 def _type_name(value: Any) -> str:
     if isinstance(value, datetime.date):
         return "a date"
+    if isinstance(value, str):  # _FromEnv too
+        return "a string"
     return {dict: "a mapping", CommentedMap: "a mapping", list: "a list", CommentedSeq: "a list",
             str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(value), "nothing")
 
@@ -287,6 +291,25 @@ def _kind_names(kinds: type | tuple[type, ...]) -> str:
              list: "a list", datetime.date: "a date"}
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     return " or ".join(dict.fromkeys(names[k] for k in kinds))
+
+
+class _FromEnv(str):
+    """A string that ${VAR} expansion made. The environment holds only strings, so where the config wants a
+    number or true/false, such a value is read as one: `timeout: ${TIMEOUT:-30}`."""
+
+
+def _typed(value: Any) -> Any:
+    """A _FromEnv string as the finite number or true/false it spells; anything else unchanged."""
+    if not isinstance(value, _FromEnv):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            number = kind(text)
+            return number if math.isfinite(number) else value
+    return value
 
 
 def _expand_env(value: Any, source: str, path: str, line: int) -> Any:
@@ -309,7 +332,7 @@ def _expand_env(value: Any, source: str, path: str, line: int) -> Any:
                 return default
             return found
 
-        return _ENV_PATTERN.sub(substitute, value)
+        return _FromEnv(_ENV_PATTERN.sub(substitute, value))
     if isinstance(value, CommentedMap):
         for k in list(value):
             child = f"{path}.{k}" if path else str(k)
@@ -515,6 +538,7 @@ def _table(node: _Node, key: str, convert: Callable[[Any], T]) -> ModelTable[T] 
         return None
 
     def checked(where: _Node, entry: str, raw: Any) -> T:
+        raw = _typed(raw)
         try:
             if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
                 raise ValueError(f"expected a value, got {_type_name(raw)}")
@@ -551,7 +575,7 @@ def _parse_api_key(node: _Node, providers: Mapping[str, Provider], tokens: set[s
     strategy = prefs.get("SCHEDULING_ALGORITHM", str, "fixed_priority")
     if strategy not in STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(STRATEGY_NAMES)}", "SCHEDULING_ALGORITHM")
-    retry = prefs.get("AUTO_RETRY", (bool, int, float, str), True)
+    retry = _typed(prefs.get("AUTO_RETRY", (bool, int, float, str), True))
     if not isinstance(retry, (bool, int)) or (not isinstance(retry, bool) and retry < 0):
         raise prefs.error("expected true, false or a number of retries >= 0", "AUTO_RETRY")
     retries = None if retry is True else (0 if retry is False else retry)
@@ -572,6 +596,7 @@ def _parse_rule(item: Any, path: str, line: int, key_node: _Node, providers: Map
     weight = 0
     if isinstance(item, dict) and len(item) == 1:
         item, weight = next(iter(item.items()))
+        weight = _typed(weight)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
             raise where.error("a rule's weight must be a whole number >= 0")
         item = _expand_env(item, key_node.source, path, line)  # a key; values were expanded on load

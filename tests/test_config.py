@@ -382,6 +382,36 @@ def test_values_from_the_environment_are_not_expanded_again(env: pytest.MonkeyPa
     assert config.providers["p"].api_keys == ("pa${ss}word-${UNI_API_TEST_MODEL}",)
 
 
+TYPED_NAMES = ("UNI_API_TEST_COOL", "UNI_API_TEST_WEIGHT", "UNI_API_TEST_RETRY", "UNI_API_TEST_ON",
+               "UNI_API_TEST_TIMEOUT", "UNI_API_TEST_NUMERIC_KEY")
+
+
+def test_placeholders_give_numbers_and_booleans_where_the_config_wants_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in zip(TYPED_NAMES, ("2.5", "3", "1", "true", "45", "12345"), strict=True):
+        monkeypatch.setenv(name, value)
+    config = parse(PROVIDER + "    api: ${UNI_API_TEST_NUMERIC_KEY}\n    tools: ${UNI_API_TEST_ON}\n"
+                   "    preferences:\n      cooldown_period: ${UNI_API_TEST_COOL}\n"
+                   "      model_timeout:\n        default: ${UNI_API_TEST_TIMEOUT}\n"
+                   "        m: ${UNI_API_TEST_MISSING:-7}\n"
+                   "api_keys:\n  - api: sk-a\n    model:\n      - p/m: ${UNI_API_TEST_WEIGHT}\n"
+                   "    preferences:\n      AUTO_RETRY: '${UNI_API_TEST_RETRY}'\n"
+                   "      ENABLE_MODERATION: ${UNI_API_TEST_MISSING:-False}\n")
+    assert config.providers["p"].api_keys == ("12345",)  # a string where the config wants one, digits or not
+    assert config.providers["p"].tools is True
+    policy = config.policies["p"]
+    assert (policy.cooldown_s, policy.timeouts.default, policy.timeouts.entries["m"]) == (2.5, 45.0, 7.0)
+    key = config.api_keys[0]
+    assert (key.rules[0].weight, key.retries, key.moderation) == (3, 1, False)
+
+
+@pytest.mark.parametrize("value", ["soon", "inf", "nan", ""])
+def test_a_placeholder_that_spells_no_finite_number_is_refused_where_one_is_needed(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("UNI_API_TEST_COOL", value)
+    text = PROVIDER + "    preferences:\n      cooldown_period: ${UNI_API_TEST_COOL}\n" + KEY
+    assert error_of(text) == "api.yaml:6: providers[0].preferences.cooldown_period: expected a number, got a string"
+
+
 def test_strings_without_placeholders_are_left_alone() -> None:
     config = parse(PROVIDER + "    api: $HOME-{x}-$ {y}-${not a name}\n" + KEY)
     assert config.providers["p"].api_keys == ("$HOME-{x}-$ {y}-${not a name}",)
