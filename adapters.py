@@ -924,6 +924,7 @@ async def iter_aws_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[d
     """(headers, payload) of each AWS event-stream message, both CRC32s checked ("Event stream encoding": total
     length, headers length, prelude CRC, headers, payload, message CRC; all big-endian)."""
     buffer = bytearray()
+    seen: tuple[bytes, dict[str, Any]] = (b"", {})  # Bedrock repeats one header block per event: parse it once
     async for chunk in chunks:
         buffer += chunk
         while len(buffer) >= 12:
@@ -936,11 +937,13 @@ async def iter_aws_frames(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[d
             del buffer[:total]
             if zlib.crc32(message[:-4]) != struct.unpack_from(">I", message, total - 4)[0]:
                 raise UpstreamError(502, "upstream sent an event-stream message with a bad CRC")
-            try:
-                headers = _aws_headers(message[12:12 + headers_length])
-            except (IndexError, KeyError, ValueError, struct.error):
-                raise UpstreamError(502, "upstream sent malformed event-stream headers") from None
-            yield headers, message[12 + headers_length:-4]
+            raw = message[12:12 + headers_length]
+            if raw != seen[0]:
+                try:
+                    seen = (raw, _aws_headers(raw))
+                except (IndexError, KeyError, ValueError, struct.error):
+                    raise UpstreamError(502, "upstream sent malformed event-stream headers") from None
+            yield seen[1], message[12 + headers_length:-4]
     if buffer:
         raise UpstreamError(502, "upstream event stream ended inside a message")
 
