@@ -23,6 +23,7 @@ import base64
 import bisect
 import contextlib
 import datetime
+import functools
 import gc
 import hashlib
 import hmac
@@ -1443,12 +1444,15 @@ def _json_response(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None) -> Send:
+def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
+                relay: Relay | None = None) -> Send:
     """Send one chat attempt; streams commit only after the first converted chunk arrived.
 
     Streams always ask the adapter (and the upstream, where the engine can) for usage, for the statistics;
-    `_relay` drops the usage chunk again when the client did not ask for it.
+    the usage chunk is dropped again when the client did not ask for it. `relay` writes the committed stream
+    (default: OpenAI's SSE).
     """
+    relay = relay or _relay
     triggers = gw.config.error_triggers
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -1475,17 +1479,22 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: Reques
                 first = _stamp(await anext_or_fail(chunks), created)
             if "usage" in first:
                 _take_usage(first, include_usage, record)
-            frame = adapters.sse_frame(first)
-            _check_triggers(frame.decode(), triggers)
+            if triggers:
+                _check_triggers(adapters.dumps(first).decode(), triggers)
         except BaseException:
             response.close()
             raise
-        relay = _relay(frame, _usage_kept(chunks, include_usage, record), response, timeout, created,
+        stream = relay(first, _usage_kept(chunks, include_usage, record), response, timeout, created,
                        gw.config.secrets)
-        return StreamingResponse(relay, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_STREAM_HEADERS)
 
     return send
 
+
+# A committed chat stream to the client: (first chunk, the chunks after it, the upstream response, timeout,
+# created, secrets to redact) -> the bytes sent. It ends a failed stream with an error event of its format.
+Relay = Callable[[dict[str, Any], AsyncIterator[dict[str, Any]], aiohttp.ClientResponse, float, int,
+                  re.Pattern[str] | None], AsyncIterator[bytes]]
 
 _STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -1529,22 +1538,27 @@ def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
     return answer
 
 
-async def _relay(first: bytes, chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
+async def _relay(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
                  timeout: float, created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
     """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
     try:
-        yield first
+        yield adapters.sse_frame(first)
         with _transport_errors(timeout):
             async for chunk in chunks:
                 yield adapters.sse_frame(_stamp(chunk, created))
     except UpstreamError as exc:
-        reason = _redact_secrets(str(exc), secrets)  # an upstream may quote the key back in its error
-        logger.warning("stream failed after its first chunk: %s", reason)
-        yield adapters.sse_frame(adapters.error_body(f"upstream failed mid-stream: {reason}", "upstream_error",
+        yield adapters.sse_frame(adapters.error_body(_stream_failure(exc, secrets), "upstream_error",
                                                      "stream_interrupted"))
     finally:
         response.close()
     yield SSE_DONE
+
+
+def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
+    """Log a failure after a stream's commit; the message for its last event."""
+    reason = _redact_secrets(str(exc), secrets)  # an upstream may quote the key back in its error
+    logger.warning("stream failed after its first chunk: %s", reason)
+    return f"upstream failed mid-stream: {reason}"
 
 
 def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
@@ -2178,40 +2192,37 @@ def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_hea
         if channel.engine in adapters.MESSAGES_PASSTHROUGH:
             return await passthrough(channel, adapter, target, timeout)
         if not converted:  # once per request; UpstreamError(400, retryable) when only a Claude channel could serve it
-            converted.append(chat_sender(gw, adapters.from_messages_request(body), model, record))
+            relay = functools.partial(_relay_messages, model, stop_sequences)
+            converted.append(chat_sender(gw, adapters.from_messages_request(body), model, record, relay))
         response = await converted[0](channel, adapter, target, timeout)
         if not isinstance(response, StreamingResponse):
             completion = adapters.loads(response.body)
             return _json_response(adapters.dumps(adapters.to_messages_response(completion, model, stop_sequences)))
-        events = adapters.iter_messages_events(_chunks_of(response.body_iterator), model, stop_sequences)
-        return StreamingResponse(_relay_events(events, response.body_iterator), media_type="text/event-stream",
-                                 headers=_STREAM_HEADERS)
+        return response
 
     return send
 
 
-async def _chunks_of(frames: Any) -> AsyncIterator[dict[str, Any]]:
-    """chat_sender's committed stream read back as chunks (it awaited the first, so commit-late holds); its
-    mid-stream error chunk is raised again as the UpstreamError it was."""
-    async for event in adapters.iter_sse(frames):
-        if event.data == "[DONE]":
-            return
-        chunk = adapters.loads(event.data)
-        if "error" in chunk and "choices" not in chunk:
-            raise UpstreamError(0, str(chunk["error"].get("message")))  # status 0: str() is the message alone
-        yield chunk
+async def _relay_messages(model: str, stop_sequences: tuple[str, ...], first: dict[str, Any],
+                          chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse, timeout: float,
+                          created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
+    """chat_sender's committed stream as Messages events, converted from its chunks (a Relay); a failure ends it
+    with an error event."""
+    async def every_chunk() -> AsyncIterator[dict[str, Any]]:
+        yield first
+        with _transport_errors(timeout):
+            async for chunk in chunks:
+                yield chunk
 
-
-async def _relay_events(events: AsyncIterator[dict[str, Any]], frames: Any) -> AsyncIterator[bytes]:
-    """The committed converted stream as Messages events; chat_sender's relay has logged any failure."""
+    events = adapters.iter_messages_events(every_chunk(), model, stop_sequences)
     try:
         async for event in events:
             yield _event_frame(event)
     except UpstreamError as exc:
-        yield _stream_failed(exc.message)
+        yield _stream_failed(_stream_failure(exc, secrets))
     finally:
         await events.aclose()
-        await frames.aclose()  # chat_sender's relay, which releases the upstream response
+        response.close()
 
 
 async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
