@@ -49,6 +49,7 @@ import aiohttp
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -497,11 +498,17 @@ def _overrides(prefs: _Node) -> Mapping[str, Mapping[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    """ruamel's round-trip containers to plain dicts and lists, for JSON bodies."""
+    """ruamel's round-trip containers and scalars as plain dicts, lists, bools, numbers and strings, for JSON
+    bodies: orjson refuses its ScalarFloat (a float subclass), and its ScalarBoolean (an int) would go out as 1."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, ScalarBoolean):
+        return bool(value)
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
     return value
 
 

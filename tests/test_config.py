@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+import adapters
 import uni_api
 from scheduler import KeyPool, ModelTable, RateLimit
 from uni_api import ApiKey, ConfigError, Rule, parse_config
@@ -416,6 +418,22 @@ def test_strings_without_placeholders_are_left_alone() -> None:
     config = parse(PROVIDER + "    api: $HOME-{x}-$ {y}-${not a name}\n" + KEY)
     assert config.providers["p"].api_keys == ("$HOME-{x}-$ {y}-${not a name}",)
 
+
+def test_body_overrides_hold_plain_json_values_whatever_yaml_spelling_made_them() -> None:
+    """ruamel gives a ScalarFloat for 0.5 and a ScalarBoolean (an int) for an anchored true: orjson refuses the
+    first and would send the second as 1."""
+    config = parse(PROVIDER + "    preferences:\n      post_body_parameter_overrides:\n        all:\n"
+                   "          temperature: 0.5\n          top_p: &p 0.9\n          again: *p\n"
+                   "          stream: &on true\n          store: *on\n          n: 2\n"
+                   "          stop: [\"x\", 1.5]\n" + KEY)
+    overrides = config.providers["p"].overrides["all"]
+    assert overrides == {"temperature": 0.5, "top_p": 0.9, "again": 0.9, "stream": True, "store": True, "n": 2,
+                         "stop": ["x", 1.5]}
+    assert [type(overrides[k]) for k in ("temperature", "again", "stream", "store", "n")] == [
+        float, float, bool, bool, int]
+    assert type(overrides["stop"][1]) is float
+    sent = json.loads(adapters.dumps(dict(overrides)))  # what an upstream receives, with orjson or json
+    assert sent == overrides and sent["store"] is True
 
 # --- Frozen records ---
 
