@@ -165,7 +165,10 @@ echo "$VERSION" | grep -Eq '^[0-9A-Za-z][0-9A-Za-z.+_-]*$' || die "VERSION '$VER
 
 # Stage the app's own files; the pex gets exactly these (plus the locked dependencies).
 STAGE=$(mktemp -d "$CACHE/stage.XXXXXX")
-trap 'rm -rf "$STAGE"' EXIT
+# The universal pex takes requirements.txt without its compiled speedups (httptools, orjson).
+UNIVERSAL_REQS=$(mktemp "$CACHE/requirements-universal.XXXXXX")
+trap 'rm -rf "$STAGE" "$UNIVERSAL_REQS"' EXIT
+grep -vE '^(httptools|orjson)\b' requirements.txt > "$UNIVERSAL_REQS"
 for f in $APP_FILES; do
     if [ -f "$f" ]; then
         cp "$f" "$STAGE/$f"
@@ -197,7 +200,7 @@ build_one() {
         for py in $UNIVERSAL_PLATFORMS; do
             platforms="$platforms --complete-platform pex/universal-$py.json"
         done
-        reqs="-r requirements.txt"
+        reqs="-r $UNIVERSAL_REQS"
     else
         platforms="--complete-platform pex/$target-$NATIVE_PYTHON.json"
         reqs="-r requirements.txt -r pex/requirements-speedups.txt"
