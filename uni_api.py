@@ -12,10 +12,11 @@ import sys
 
 if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable and globals().get("__file__"):
     # CPython keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which
-    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it.
+    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it;
+    # like a script's own sys.path[0], the folder searched is the one of the file a symlink points to.
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     os.execv(sys.executable, [sys.executable, *_flags, "-c", "import os, sys; sys.path.insert(0, os.path.dirname("
-             "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.abspath(__file__), *sys.argv[1:]])
+             "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.realpath(__file__), *sys.argv[1:]])
 
 import argparse
 import asyncio

@@ -282,3 +282,14 @@ def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_argum
     finally:
         process.terminate()
         assert process.wait(5) == 0
+
+
+def test_a_symlink_to_the_script_runs_the_uni_api_it_points_to(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "uni-api.py").symlink_to(SCRIPT)
+    result = subprocess.run([sys.executable, str(tmp_path / "bin" / "uni-api.py"), "--check-config", "--config",
+                             str(tmp_path / "cfg.yaml")], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{tmp_path / 'cfg.yaml'}: OK")
