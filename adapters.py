@@ -550,9 +550,25 @@ def _claude_tool_input(arguments: Any) -> dict[str, Any]:
     return value
 
 
+# Claude's thinking blocks ride in an OpenAI message as `thinking_blocks` (the field LiteLLM and its clients use),
+# so a client that sends the assistant message back hands Claude its signed thinking again. "Extended thinking"
+# (Anthropic; Bedrock "Thinking encryption"): with tools, the thinking blocks of the turn must come back verbatim,
+# first in the assistant turn; elsewhere the API strips them. A stream's signature arrives as a signature_delta
+# just before the block's content_block_stop.
+_THINKING_FIELDS: Final = MappingProxyType({"thinking": ("type", "thinking", "signature"),
+                                            "redacted_thinking": ("type", "data")})
+
+
+def _thinking_block(block: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: block.get(name) for name in _THINKING_FIELDS[block["type"]]}
+
+
 def _claude_assistant(message: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Text, then one tool_use block per tool call, ids kept."""
-    blocks = to_claude_content(message.get("content"))
+    """Its thinking blocks, text, then one tool_use block per tool call, ids kept."""
+    thinking = message.get("thinking_blocks")
+    blocks = [_thinking_block(block) for block in (thinking if isinstance(thinking, list) else ())
+              if isinstance(block, Mapping) and block.get("type") in _THINKING_FIELDS]
+    blocks += to_claude_content(message.get("content"))
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
         blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
@@ -708,6 +724,7 @@ class _ClaudeStream:
     usage: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
     started: bool = False
+    thinking: dict[int, str] = field(default_factory=dict)  # content index -> thinking text so far
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
@@ -730,6 +747,10 @@ class _ClaudeStream:
             if not block.get("input"):
                 call["function"]["arguments"] = ""  # the input follows as input_json_delta
             return {"tool_calls": [call]}
+        if block.get("type") == "redacted_thinking":
+            return {"thinking_blocks": [_thinking_block(block)]}
+        if block.get("type") == "thinking":
+            self.thinking[event.get("index", -1)] = block.get("thinking") or ""
         text = block.get("text") or block.get("thinking")
         return {"reasoning_content" if block.get("type") == "thinking" else "content": text} if text else None
 
@@ -739,11 +760,16 @@ class _ClaudeStream:
         if kind == "text_delta" and delta.get("text"):
             return {"content": delta["text"]}
         if kind == "thinking_delta" and delta.get("thinking"):
+            position = event.get("index", -1)
+            self.thinking[position] = self.thinking.get(position, "") + delta["thinking"]
             return {"reasoning_content": delta["thinking"]}
+        if kind == "signature_delta":  # the block is whole: hand it over, signed
+            text = self.thinking.pop(event.get("index", -1), "")
+            return {"thinking_blocks": [{"type": "thinking", "thinking": text, "signature": delta.get("signature")}]}
         index = self.tools.get(event.get("index", -1))
         if kind == "input_json_delta" and delta.get("partial_json") and index is not None:
             return {"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]}
-        return None  # signature_delta, citations_delta: OpenAI chunks have no field for them
+        return None  # citations_delta: OpenAI chunks have no field for it
 
     def on_error(self, event: Mapping[str, Any]) -> None:
         raise _claude_error(event)
@@ -799,9 +825,12 @@ class ClaudeAdapter(Adapter):
         text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
         reasoning = "".join(block.get("thinking", "") for block in blocks if block.get("type") == "thinking")
         calls = [_claude_tool_call(block) for block in blocks if block.get("type") == "tool_use"]
+        thinking = [_thinking_block(block) for block in blocks if block.get("type") in _THINKING_FIELDS]
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if reasoning:
             message["reasoning_content"] = reasoning
+        if thinking:
+            message["thinking_blocks"] = thinking
         if calls:
             message["tool_calls"] = calls
         finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")

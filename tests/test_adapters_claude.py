@@ -464,3 +464,55 @@ def test_gateway_discovers_claude_models(upstream: FakeUpstream, make_gateway: M
     sent = upstream.received[0]
     assert (sent.method, sent.path, sent.query) == ("GET", "/v1/models", {"limit": "1000"})
     assert sent.headers["x-api-key"] == "sk-ant-secret-0"
+
+
+# Anthropic "Extended thinking" with tool use: the turn's thinking blocks must come back verbatim, signed, first
+# in the assistant turn. They ride in the OpenAI message as `thinking_blocks`, so a client that sends the
+# assistant message back as it got it (the openai SDK keeps unknown fields) keeps a Claude tool loop going.
+THINKING_TOOL_ANSWER = {
+    "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "stop_reason": "tool_use",
+    "content": [{"type": "thinking", "thinking": "I should look the weather up.", "signature": "sig-EqQBCgIYAh"},
+                {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"},
+                {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"location": "Paris"}}],
+    "usage": {"input_tokens": 20, "output_tokens": 30}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+
+
+def test_thinking_blocks_go_back_to_claude_signed_when_the_client_returns_the_message(
+        upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
+    upstream.enqueue(Reply(json=THINKING_TOOL_ANSWER))
+    upstream.enqueue(Reply(json=load("basic.upstream.json")))
+    client = make_gateway(claude_config(upstream, models=SONNET)).client("sk-client")
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(model="claude-3-5-sonnet", messages=messages, tools=[WEATHER_TOOL],
+                                           reasoning_effort="low")
+    reply = first.choices[0].message
+    assert reply.reasoning_content == "I should look the weather up."  # type: ignore[attr-defined]
+    assert reply.thinking_blocks == THINKING_TOOL_ANSWER["content"][:2]  # type: ignore[attr-defined]
+    messages += [reply, {"role": "tool", "tool_call_id": "toolu_01", "content": "18 C, sunny"}]
+    client.chat.completions.create(model="claude-3-5-sonnet", messages=messages, tools=[WEATHER_TOOL],
+                                   reasoning_effort="low")
+    turns = upstream.received[1].json["messages"]
+    assert [turn["role"] for turn in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"] == THINKING_TOOL_ANSWER["content"]  # signed thinking first, verbatim
+    assert turns[2]["content"][0] == {"type": "tool_result", "tool_use_id": "toolu_01",
+                                      "content": [{"type": "text", "text": "18 C, sunny"}]}
+
+
+@pytest.mark.anyio
+async def test_a_streamed_thinking_block_arrives_whole_and_signed_after_its_text() -> None:
+    chunks = await convert((FIXTURES / "thinking_stream.upstream.sse").read_bytes(), include_usage=False)
+    reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks if c["choices"])
+    blocks = [block for c in chunks if c["choices"] for block in c["choices"][0]["delta"].get("thinking_blocks", ())]
+    signature = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds..."  # the fixture's signature_delta
+    assert blocks == [{"type": "thinking", "thinking": reasoning, "signature": signature}]
+
+
+def test_thinking_blocks_of_other_types_or_shapes_are_not_sent_to_claude() -> None:
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok", "thinking_blocks": [
+            {"type": "thinking", "thinking": "t", "signature": "s", "extra": 1}, {"type": "other"}, "text"]}]}
+    sent = CLAUDE.payload(body, TARGET)["messages"][1]["content"]
+    assert sent == [{"type": "thinking", "thinking": "t", "signature": "s"}, {"type": "text", "text": "ok"}]
