@@ -1076,9 +1076,16 @@ class Metrics:
                             ("cached", record.cached_tokens)):
             if count:
                 self.tokens[(*channel, kind)] = self.tokens.get((*channel, kind), 0) + count
-        self.latency.setdefault(channel, _Histogram()).observe(record.total_ms / 1000)
+        _observe(self.latency, channel, record.total_ms / 1000)
         if record.first_byte_ms is not None:
-            self.first_byte.setdefault(channel, _Histogram()).observe(record.first_byte_ms / 1000)
+            _observe(self.first_byte, channel, record.first_byte_ms / 1000)
+
+
+def _observe(histograms: dict[Labels, _Histogram], labels: Labels, seconds: float) -> None:
+    histogram = histograms.get(labels)
+    if histogram is None:  # not setdefault: that would build a histogram per request only to drop it
+        histogram = histograms[labels] = _Histogram()
+    histogram.observe(seconds)
 
 
 _METRIC_HELP: Final = (
