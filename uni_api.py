@@ -2744,13 +2744,12 @@ def slow_client_protocol(timeout: float) -> type[asyncio.Protocol]:
 
     class SlowClientProtocol(Base):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
+        _reads = 0  # data_received calls: the body timer tells a pause from progress by them
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_header_timer()
-
-        _body_timer: asyncio.TimerHandle | None = None
-        _reads = 0  # data_received calls: the body timer tells a pause from progress by them
 
         def data_received(self, data: bytes) -> None:
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
