@@ -247,9 +247,10 @@ class _Node:
                 raise self.error(f"missing required key '{key}'")
             return default
         value = self.data[key]  # ${VAR} placeholders were expanded once, on load
-        if str not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+        if str not in allowed:
             value = _typed(value)
-        if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        if isinstance(value, bool) and bool not in allowed:
             raise self.error(f"expected {_kind_names(kinds)}, got a boolean", key)
         if not isinstance(value, kinds):
             raise self.error(f"expected {_kind_names(kinds)}, got {_type_name(value)}", key)
@@ -286,7 +287,7 @@ def _type_name(value: Any) -> str:
     if isinstance(value, str):  # _FromEnv too
         return "a string"
     return {dict: "a mapping", CommentedMap: "a mapping", list: "a list", CommentedSeq: "a list",
-            str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(value), "nothing")
+            int: "a number", float: "a number", bool: "a boolean"}.get(type(value), "nothing")
 
 
 def _kind_names(kinds: type | tuple[type, ...]) -> str:

@@ -277,9 +277,7 @@ def measure_floor(procs: Procs, up_port: int, core: dict, *, rounds: int, warmup
                 for _ in range(rounds)]
     finally:
         procs.stop(proc)
-    merged = merge(runs)
-    merged["cpu_ms_per_request"] = round(1000 * merged["cpu_s"] / merged["requests"], 4) if merged["requests"] else None
-    return merged
+    return merge(runs)
 
 
 # --- Load ---
@@ -694,6 +692,8 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged = {k: med(k) for k in ("rps", "p50_ms", "p99_ms", "ttfb_p50_ms", "ttfb_p99_ms")}
     merged.update(requests=sum(r["requests"] for r in runs), errors=sum(r["errors"] for r in runs),
                   cpu_s=sum(r.get("cpu_s", 0.0) for r in runs))
+    watched = merged["requests"] and any("cpu_s" in r for r in runs)  # CPU is read for a watched process only
+    merged["cpu_ms_per_request"] = round(1000 * merged["cpu_s"] / merged["requests"], 4) if watched else None
     return merged
 
 
@@ -746,8 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kind": kind, "concurrency": conc, "direct": direct, "gateway": gateway,
                     "added_p50_ms": sub(gateway["p50_ms"], direct["p50_ms"]),
                     "added_p99_ms": sub(gateway["p99_ms"], direct["p99_ms"]),
-                    "cpu_ms_per_request": round(1000 * gateway["cpu_s"] / gateway["requests"], 4)
-                    if gateway["requests"] else None})
+                    "cpu_ms_per_request": gateway["cpu_ms_per_request"]})
                 print(f"  {kind} c{conc}: gateway {gateway['rps']:.0f} req/s, direct {direct['rps']:.0f} req/s",
                       file=sys.stderr, flush=True)
         floor = measure_floor(procs, up_port, core, rounds=rounds, warmup=warmup, duration=duration)
