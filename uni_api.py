@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable and globals().get("__file__"):
-    # CPython keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which
-    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it;
-    # like a script's own sys.path[0], the folder searched is the one of the file a symlink points to.
+# Run as a script, uni_api.py re-executes itself as an import, here, before anything else is imported: CPython
+# keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which for a server is
+# never. The new image has the same pid, interpreter flags and arguments; like a script's own sys.path[0], the
+# folder searched is the one of the file a symlink points to. UNI_API_NO_REEXEC=1 turns it off, and it stays off
+# under a debugger, coverage or a profiler (a trace or profile hook is set, or one of their modules is loaded):
+# os.execv would replace the process they watch with one they do not.
+if (__name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable
+        and globals().get("__file__") and os.environ.get("UNI_API_NO_REEXEC", "").lower() not in ("1", "true", "yes")
+        and sys.gettrace() is None and sys.getprofile() is None
+        and not any(name in sys.modules for name in ("pdb", "bdb", "pydevd", "debugpy", "coverage", "cProfile",
+                                                     "profile", "pyinstrument", "yappi", "trace"))):
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     os.execv(sys.executable, [sys.executable, *_flags, "-c", "import os, sys; sys.path.insert(0, os.path.dirname("
              "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.realpath(__file__), *sys.argv[1:]])

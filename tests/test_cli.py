@@ -260,28 +260,70 @@ def test_a_config_served_over_http_is_checked_like_a_file(upstream: FakeUpstream
     assert stderr_line(result) == f"error: {url}:3: providers[0].base_url: expected a URL"
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc/<pid>/cmdline")
-def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_arguments(tmp_path: Path) -> None:
-    """CPython holds a script's syntax tree until the script returns: the server must not run inside it."""
-    (tmp_path / "cfg.yaml").write_text(CONFIG)
-    port = free_port()
-    args = ["--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPT), *args], cwd=tmp_path,
-                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextmanager
+def started_argv(command: list[str], port: int, cwd: Path, env: dict[str, str]) -> Iterator[list[str]]:
+    """Start `command` (a gateway on `port`), wait until it listens, yield its /proc cmdline, terminate it."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + READY_TIMEOUT * 3  # a trace hook slows the start
         while not listening(port):
             assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.05)
-        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-        assert argv[:4] == [sys.executable, "-X", "faulthandler", "-c"]
-        assert "import uni_api" in argv[4]
-        assert argv[5:] == [str(SCRIPT), *args]
+        yield Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}
                          ).status_code == 200
     finally:
         process.terminate()
         assert process.wait(5) == 0
+
+
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc/<pid>/cmdline")
+
+
+@NEEDS_PROC
+def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_arguments(tmp_path: Path) -> None:
+    """CPython holds a script's syntax tree until the script returns: the server must not run inside it."""
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    args = ["--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-X", "faulthandler", str(SCRIPT), *args]
+    with started_argv(command, port, tmp_path, cli_env()) as argv:
+        assert argv[:4] == [sys.executable, "-X", "faulthandler", "-c"]
+        assert "import uni_api" in argv[4]
+        assert argv[5:] == [str(SCRIPT), *args]
+
+
+@NEEDS_PROC
+def test_uni_api_no_reexec_keeps_the_script_process_as_started(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    command = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1",
+               "--port", str(port)]
+    with started_argv(command, port, tmp_path, cli_env(UNI_API_NO_REEXEC="1")) as argv:
+        assert argv == command
+
+
+# A driver runs the script as `python uni_api.py` would (runpy.run_path gives __name__ "__main__" and no
+# __spec__), after installing what a debugger, coverage or a profiler installs.
+_DRIVER = ("import os, runpy, sys; {setup}; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@NEEDS_PROC
+@pytest.mark.parametrize("setup", [
+    "sys.settrace(lambda *event: None)",  # a debugger or coverage's tracer
+    "sys.setprofile(lambda *event: None)",  # a profiler
+    "import cProfile",  # a profiler's module, hook not yet set
+    "import pdb",  # a debugger's module
+])
+def test_under_a_debugger_coverage_or_profiler_it_does_not_re_execute(tmp_path: Path, setup: str) -> None:
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    driver = _DRIVER.format(setup=setup)
+    command = [sys.executable, "-c", driver, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with started_argv(command, port, tmp_path, cli_env()) as argv:
+        assert argv == command  # re-executed, it would read [python, -c, "...import uni_api...", ...]
 
 
 def test_a_symlink_to_the_script_runs_the_uni_api_it_points_to(tmp_path: Path) -> None:
