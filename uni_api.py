@@ -463,6 +463,9 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
     )
+    for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
+        if not extra.get(required):
+            raise node.error(f"missing required key '{required}' (engine {provider.engine} needs it)", required)
     strategy = prefs.get("api_key_schedule_algorithm", str, "round_robin")
     if strategy not in KEY_STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(KEY_STRATEGY_NAMES)}", "api_key_schedule_algorithm")

@@ -260,6 +260,15 @@ def test_a_config_served_over_http_is_checked_like_a_file(upstream: FakeUpstream
     assert stderr_line(result) == f"error: {url}:3: providers[0].base_url: expected a URL"
 
 
+def test_check_config_names_a_missing_credential_with_file_line_and_key(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text("providers:\n  - provider: cf\n    engine: cloudflare\n    api: t\n"
+                                       "    model: [m]\napi_keys:\n  - api: sk-a\n")
+    result = run_cli("--check-config", "--config", str(tmp_path / "cfg.yaml"))
+    assert result.returncode == 1
+    assert stderr_line(result) == ("error: cfg.yaml:2: providers[0].cf_account_id: missing required key "
+                                   "'cf_account_id' (engine cloudflare needs it)")
+
+
 @contextmanager
 def started_argv(command: list[str], port: int, cwd: Path, env: dict[str, str]) -> Iterator[list[str]]:
     """Start `command` (a gateway on `port`), wait until it listens, yield its /proc cmdline, terminate it."""
