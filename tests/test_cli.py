@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,7 +128,14 @@ def test_check_config_accepts_the_example_and_names_its_providers() -> None:
     for name in re.findall(r"^  - provider: (\S+)", EXAMPLE.read_text(), re.M):
         assert f"provider {name} " in result.stdout
     assert "sk-user-replace-me" not in result.stdout  # keys are shown by a short label only
-    assert result.stderr == ""
+    lines = EXAMPLE.read_text().splitlines()
+    placeholder = re.compile(r"[:-] \$\{\w+:-[\w-]*replace-me[\w-]*\}(/\*)?\s*(#|$)")  # a value, or a rule naming one
+    left = [i + 1 for i, line in enumerate(lines) if placeholder.search(line)]
+    warnings = result.stderr.splitlines()
+    assert len(left) > 10 and [int(w.split(":")[2]) for w in warnings] == left
+    assert all(re.fullmatch(r"warning: api\.yaml\.example:\d+: \S+ is still the example's placeholder \(replace-me\)",
+                            w) for w in warnings), warnings
+    assert "warning: api.yaml.example:16: providers[0].api is" in result.stderr
 
 
 def test_check_config_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
@@ -258,6 +266,63 @@ def test_a_config_served_over_http_is_checked_like_a_file(upstream: FakeUpstream
     result = run_cli("--check-config", "--config", url)
     assert result.returncode == 1
     assert stderr_line(result) == f"error: {url}:3: providers[0].base_url: expected a URL"
+
+
+# --- The start-up line ---
+
+
+def test_the_client_address_shows_loopback_for_a_wildcard_bind() -> None:
+    assert uni_api.client_address("0.0.0.0", 8000) == "http://127.0.0.1:8000/v1"
+    assert uni_api.client_address("::", 8000) == "http://[::1]:8000/v1"
+    assert uni_api.client_address("127.0.0.1", 9) == "http://127.0.0.1:9/v1"
+    assert uni_api.client_address("gw.example", 80) == "http://gw.example:80/v1"
+
+
+def read_stderr_until(process: subprocess.Popen[str], pattern: str, timeout: float = READY_TIMEOUT) -> list[str]:
+    """Lines of the process's stderr up to and including the first matching `pattern`."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip("\n"))
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        pytest.fail(f"no line matching {pattern!r} within {timeout} s:\n" + "\n".join(lines))
+    return lines
+
+
+def test_a_start_says_in_one_line_what_serves_where_and_warns_of_placeholder_keys(tmp_path: Path) -> None:
+    config = CONFIG.replace("api: sk-upstream-secret", "api: ${UNI_API_TEST_UP_KEY:-sk-replace-me}")
+    (tmp_path / "cfg.yaml").write_text(config)
+    port, db = free_port(), tmp_path / "stats.db"
+    env = {**cli_env(DB_PATH=str(db))}
+    env.pop("DISABLE_DATABASE")
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"), "--host",
+                                "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_stderr_until(process, r" serving ")
+        started = [line for line in lines if " serving " in line]
+        address = f"http://127.0.0.1:{port}/v1"
+        speedups = ", ".join(uni_api.speedups()) or "none"
+        assert len(started) == 1 and started[0].endswith(
+            f"INFO uni_api: uni-api {uni_api.VERSION} serving {address} (1 provider, 2 models, 1 client key; "
+            f"stats: {db}; speedups: {speedups})"), lines
+        warnings = [line for line in lines if "WARNING" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(
+            "WARNING uni_api: cfg.yaml:4: providers[0].api is still the example's placeholder (replace-me): "
+            "put your own value there"), lines
+        response = httpx.get(f"{address}/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 200  # the address printed is the one to use
+    finally:
+        process.terminate()
+        assert process.wait(5) == 0
 
 
 def test_check_config_names_a_missing_credential_with_file_line_and_key(tmp_path: Path) -> None:

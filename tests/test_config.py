@@ -581,6 +581,15 @@ def test_cloudflare_aws_and_vertex_declare_their_credentials() -> None:
                         "vertex-gemini": ("project_id", "client_email", "private_key")}
 
 
+def test_values_left_as_the_examples_placeholders_are_listed_with_line_and_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNI_API_TEST_UNSET", raising=False)
+    config = parse(PROVIDER + "    api:\n      - sk-real\n      - ${UNI_API_TEST_UNSET:-gsk-replace-me-2}\n"
+                   "api_keys:\n  - api: sk-replace-me\n")
+    assert config.placeholders == ("api.yaml:7: providers[0].api[1]", "api.yaml:9: api_keys[0].api")
+    assert parse(PROVIDER + KEY).placeholders == ()
+
+
 # --- api_keys rules ---
 
 RULES_CONFIG = """\
