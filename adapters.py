@@ -48,6 +48,7 @@ except ImportError:  # the universal .pex carries no compiled modules
     JSONDecodeError = ValueError
 
 Endpoint = Literal["chat", "embeddings", "images", "transcriptions", "speech", "moderations", "models"]
+StreamFormat = Literal["sse", "aws"]
 
 # --- Records ---
 
@@ -182,17 +183,23 @@ def build_chunk(
     chunk_id: str,
     model: str,
     created: int,
-    delta: dict[str, Any],
+    delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
+    *,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One `chat.completion.chunk` with a single choice (CreateChatCompletionStreamResponse)."""
+    """One `chat.completion.chunk` (CreateChatCompletionStreamResponse): one choice, or none when `delta` is
+    None. Every engine's chunks come from here. `created` 0 means the provider gave no timestamp: the gateway
+    stamps the request's time on it (uni_api._stamp), as adapters never read the clock."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]
     chunk: dict[str, Any] = {
         "id": chunk_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
     }
     if usage is not None:
         chunk["usage"] = usage
@@ -201,14 +208,7 @@ def build_chunk(
 
 def build_usage_chunk(chunk_id: str, model: str, created: int, usage: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: empty choices, usage set."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return build_chunk(chunk_id, model, created, None, usage=usage)
 
 
 def build_usage(
@@ -225,6 +225,29 @@ def build_usage(
     if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": int(reasoning)}
     return usage
+
+
+@dataclass(slots=True)
+class ChunkStream:
+    """The chunks of one stream converted from another engine's events: one id, the assistant role on the
+    first; `created` is left 0 for the gateway to stamp (these formats carry no timestamp)."""
+
+    model: str
+    id: str = field(default_factory=new_id)
+    started: bool = False
+
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
+            self.started = True
+            delta = {"role": "assistant", **delta}
+        return build_chunk(self.id, self.model, 0, delta, finish_reason)
+
+    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
+        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
+        tail = [self.delta({}, finish)]
+        if include_usage and usage is not None:
+            tail.append(build_usage_chunk(self.id, self.model, 0, usage))
+        return tail
 
 
 def build_completion(
@@ -294,12 +317,15 @@ class Adapter:
     """The OpenAI wire format; other engines override the hooks that differ."""
 
     engine: ClassVar[str] = "gpt"
-    stream_format: ClassVar[Literal["sse", "ndjson", "aws"]] = "sse"
+    stream_format: ClassVar[StreamFormat] = "sse"  # how the upstream frames a stream: a key of FRAMERS
     auth: ClassVar[str] = "bearer"
     endpoints: ClassVar[frozenset[str]] = frozenset(_OPENAI_PATHS)
     default_base_url: ClassVar[str] = ""
     inline_images: ClassVar[bool] = False  # True: the gateway fetches http image URLs into data URIs first
     client_headers: ClassVar[tuple[str, ...]] = ()  # forwarded from the client on a face's passthrough
+    # Provider fields (Provider.extra) the engine cannot work without: parse_config refuses a provider that
+    # lacks one, naming file, line and key, so no request ever finds out.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     # Request side
 
@@ -359,8 +385,8 @@ class Adapter:
     # Response side
 
     def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        """Frame the upstream byte stream into events; engines with another framing override this."""
-        return iter_sse(chunks)
+        """Frame the upstream byte stream into events, by the engine's `stream_format`."""
+        return FRAMERS[self.stream_format](chunks)
 
     def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if not isinstance(native, dict) or not isinstance(native.get("choices"), list):
@@ -716,21 +742,13 @@ def _claude_tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _ClaudeStream:
-    """One Claude stream being converted: chunk id, tool-call numbering, usage so far and the stop reason."""
+    """One Claude stream being converted: its chunks, tool-call numbering, usage so far and the stop reason."""
 
-    model: str
-    chunk_id: str = field(default_factory=new_id)
-    created: int = 0
+    out: ChunkStream
     tools: dict[int, int] = field(default_factory=dict)  # Anthropic content index -> OpenAI tool_calls index
     usage: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
-    started: bool = False
     thinking: dict[int, str] = field(default_factory=dict)  # content index -> thinking text so far
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
-            delta, self.started = {"role": "assistant", **delta}, True
-        return build_chunk(self.chunk_id, self.model, self.created, delta, finish_reason)
 
     def on_message_start(self, event: Mapping[str, Any]) -> None:
         self.usage.update((event.get("message") or {}).get("usage") or {})
@@ -817,7 +835,7 @@ class ClaudeAdapter(Adapter):
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"model": target.upstream_model, **request}
 
-    def parse_response(self, native: Any, model: str, *, created: int | None = None) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
             raise _claude_error(native)
         if not isinstance(native, dict) or not isinstance(native.get("content"), list):
@@ -836,12 +854,12 @@ class ClaudeAdapter(Adapter):
             message["tool_calls"] = calls
         finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")
         usage = claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
-        return build_completion(model, created or 0, message, finish, usage)
+        return build_completion(model, 0, message, finish, usage)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int | None = None
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
-        state = _ClaudeStream(model, created=created or 0)
+        state = _ClaudeStream(ChunkStream(model))
         async for event in events:
             data = _load_event(event)
             if data.get("type") == "message_stop":
@@ -849,13 +867,17 @@ class ClaudeAdapter(Adapter):
             handler = _CLAUDE_STREAM_HANDLERS.get(data.get("type"))
             delta = handler(state, data) if handler else None
             if delta:
-                yield state.chunk(delta)
+                yield state.out.delta(delta)
         else:
             if state.stop_reason is None:
                 raise UpstreamError(502, "upstream stream ended before message_stop")
-        yield state.chunk({}, _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop"))
-        if include_usage:
-            yield build_usage_chunk(state.chunk_id, model, state.created, claude_usage(state.usage))
+        finish = _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop")
+        for chunk in state.out.tail(finish, claude_usage(state.usage), include_usage):
+            yield chunk
+
+
+# Vertex AI: the project is in every URL; the service account's email and key sign the OAuth assertion.
+VERTEX_REQUIRES: Final = ("project_id", "client_email", "private_key")
 
 
 class VertexClaudeAdapter(ClaudeAdapter):
@@ -863,6 +885,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
 
     engine = "vertex-claude"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     ANTHROPIC_VERSION: ClassVar[str] = "vertex-2023-10-16"
 
@@ -873,7 +896,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
         if endpoint == "models":  # "publishers.models.list" (v1beta1); the version view names `@date` versions
             return f"{root}/v1beta1/publishers/anthropic/models?pageSize=1000&view=PUBLISHER_MODEL_VERSION_VIEW_BASIC"
         method = "streamRawPredict" if body.get("stream") else "rawPredict"
-        return (f"{root}/v1/projects/{extra.get('project_id', '')}/locations/{region}"
+        return (f"{root}/v1/projects/{extra['project_id']}/locations/{region}"
                 f"/publishers/anthropic/models/{target.upstream_model}:{method}")
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1010,6 +1033,12 @@ async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEven
             raise _bedrock_stream_error(headers, payload)
 
 
+# Stream framing by Adapter.stream_format: server-sent events, or AWS event-stream messages (Bedrock).
+FRAMERS: Final[Mapping[StreamFormat, Callable[[AsyncIterator[bytes]], AsyncIterator[SSEEvent]]]] = MappingProxyType(
+    {"sse": iter_sse, "aws": iter_aws_events}
+)
+
+
 class BedrockAdapter(ClaudeAdapter):
     """Claude on Amazon Bedrock: InvokeModel / InvokeModelWithResponseStream, SigV4-signed with the provider's
     aws_access_key / aws_secret_key; streams arrive in AWS event-stream framing (`iter_aws_events`)."""
@@ -1017,13 +1046,12 @@ class BedrockAdapter(ClaudeAdapter):
     engine = "aws"
     auth = "sigv4"
     stream_format = "aws"
+    requires = ("aws_access_key", "aws_secret_key")  # the region has a default (us-east-1)
     default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
     ANTHROPIC_VERSION: ClassVar[str] = "bedrock-2023-05-31"
 
     def build_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
         extra = target.provider.extra
-        if not (extra.get("aws_access_key") and extra.get("aws_secret_key")):
-            raise UpstreamError(401, "provider has no aws_access_key and aws_secret_key")
         url, data = self.url("chat", body, target), dumps(self.payload(body, target))
         headers = sign_aws_v4("POST", url, {"Content-Type": "application/json"}, data,
                               access_key=extra["aws_access_key"], secret_key=extra["aws_secret_key"],
@@ -1050,9 +1078,6 @@ class BedrockAdapter(ClaudeAdapter):
         request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
 
-    def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        return iter_aws_events(chunks)
-
     def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
         # Bedrock errors are {"message": ...}, some (AccessDenied) spelled {"Message": ...}.
         return super().parse_error(status, body.replace(b'"Message":', b'"message":', 1), retry_after)
@@ -1065,8 +1090,8 @@ class BedrockAdapter(ClaudeAdapter):
         if root == self.default_base_url or "bedrock-runtime." in root:
             root = f"https://bedrock.{self.region(provider)}.amazonaws.com"
         url = f"{root}/foundation-models?byProvider=Anthropic"
-        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra.get("aws_access_key", ""),
-                              secret_key=extra.get("aws_secret_key", ""), region=self.region(provider),
+        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra["aws_access_key"],
+                              secret_key=extra["aws_secret_key"], region=self.region(provider),
                               service="bedrock", now=target.now)
         return UpstreamRequest("GET", url, headers)
 
@@ -1335,13 +1360,6 @@ def _gemini_created(native: Mapping[str, Any]) -> int:
     return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
-def _gemini_chunk(chunk_id: str, model: str, created: int, index: int, delta: dict[str, Any],
-                  finish: str | None = None) -> dict[str, Any]:
-    chunk = build_chunk(chunk_id, model, created, delta, finish)
-    chunk["choices"][0]["index"] = index  # candidateCount (n) > 1 streams several candidates
-    return chunk
-
-
 def _google_error(body: bytes) -> Mapping[str, Any]:
     """The `error` object of Google's error shape (a JSON array of it when a stream lacked alt=sse)."""
     try:
@@ -1431,12 +1449,12 @@ class GeminiAdapter(Adapter):
                 if candidate.get("finishReason"):
                     finish[index] = _gemini_finish(candidate["finishReason"], calls[index] > 0)
                 if delta:
-                    yield _gemini_chunk(chunk_id, model, created, index, delta)
+                    yield build_chunk(chunk_id, model, created, delta, index=index)  # n > 1: several candidates
         if not finish:
             raise UpstreamError(502, "upstream stream ended before it finished")
         for index, reason in sorted(finish.items()):
-            yield _gemini_chunk(chunk_id, model, created, index,
-                                {} if index in calls else {"role": "assistant", "content": ""}, reason)
+            yield build_chunk(chunk_id, model, created, {} if index in calls else {"role": "assistant", "content": ""},
+                              reason, index=index)
         if include_usage:
             yield build_usage_chunk(chunk_id, model, created, usage or build_usage(0, 0))
 
@@ -1509,6 +1527,7 @@ class VertexGeminiAdapter(GeminiAdapter):
 
     engine = "vertex-gemini"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     methods = MappingProxyType({"chat": "generateContent", "embeddings": "predict"})
     models_key = "publisherModels"
@@ -1519,7 +1538,7 @@ class VertexGeminiAdapter(GeminiAdapter):
         root = vertex_root(target.provider.base_url, region)
         if endpoint == "models":  # "publishers.models.list", v1beta1 only; it needs the OAuth token too
             return f"{root}/v1beta1/publishers/google/models?pageSize=1000"
-        model_path = f"projects/{extra.get('project_id', '')}/locations/{region}/publishers/google/models"
+        model_path = f"projects/{extra['project_id']}/locations/{region}/publishers/google/models"
         return f"{root}/v1/{model_path}/{target.upstream_model}:{self.method(endpoint, body)}"
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1627,7 +1646,6 @@ def _rsa_private_numbers(pem: str) -> list[int]:
 _GOOGLE_ADAPTERS: Final[tuple[Adapter, ...]] = (GeminiAdapter(), VertexGeminiAdapter())
 
 # --- Cohere and Cloudflare ---
-# parse_response/parse_stream take `created` as a keyword: adapters never read the clock, the flow may pass it.
 
 
 def _text_of(content: Any) -> str:
@@ -1656,29 +1674,6 @@ def _model_names(native: Any, key: str) -> list[str]:
     if not isinstance(models, list):
         raise UpstreamError(502, f"models list has no '{key}' array")
     return [str(m["name"]) for m in models if isinstance(m, dict) and "name" in m]
-
-
-@dataclass(slots=True)
-class _Chunks:
-    """One converted stream's chunks: the first delta also carries the assistant role."""
-
-    model: str
-    created: int
-    id: str = field(default_factory=new_id)
-    started: bool = False
-
-    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        if not self.started:
-            self.started = True
-            delta = {"role": "assistant", **delta}
-        return build_chunk(self.id, self.model, self.created, delta)
-
-    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
-        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
-        tail = [build_chunk(self.id, self.model, self.created, {}, finish)]
-        if include_usage and usage is not None:
-            tail.append(build_usage_chunk(self.id, self.model, self.created, usage))
-        return tail
 
 
 # Cohere Chat API v2 (docs.cohere.com/reference/chat), "ChatFinishReason"; ERROR and TIMEOUT are failures.
@@ -1810,7 +1805,7 @@ class CohereAdapter(Adapter):
             payload.update(_cohere_tools(body.get("tools"), body.get("tool_choice")))
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         """"v2_chat_Response": content[] text and thinking, tool_plan, tool_calls, finish_reason, usage."""
         message = native.get("message") if isinstance(native, dict) else None
         if not isinstance(message, dict):
@@ -1824,14 +1819,14 @@ class CohereAdapter(Adapter):
             result["reasoning_content"] = thinking
         if message.get("tool_calls"):
             result["tool_calls"] = [_openai_tool_call(c) for c in message["tool_calls"]]
-        return build_completion(model, created, result, finish, _cohere_usage(native.get("usage")),
+        return build_completion(model, 0, result, finish, _cohere_usage(native.get("usage")),
                                 native.get("id") or None)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Cohere v2 "Chat with Streaming" events, each JSON with a `type`, to OpenAI chunks."""
-        chunks, tool_index = _Chunks(model, created), {}
+        chunks, tool_index = ChunkStream(model), {}
         async for event in events:
             if event.data == "[DONE]":
                 continue
@@ -1975,11 +1970,10 @@ class CloudflareAdapter(Adapter):
     endpoints = frozenset({"chat", "embeddings", "models"})
     default_base_url = "https://api.cloudflare.com"
     inline_images = True  # vision models take data: URIs only ("HTTP URL will not be accepted")
+    requires = ("cf_account_id",)
 
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
-        account = target.provider.extra.get("cf_account_id")
-        if not account:
-            raise UpstreamError(502, f"provider {target.provider.name} has no cf_account_id", retryable=True)
+        account = target.provider.extra["cf_account_id"]
         root = target.provider.base_url.rstrip("/").split("/client/v4")[0] + f"/client/v4/accounts/{account}/ai"
         if endpoint == "models":  # "Model Search"
             return root + "/models/search?task=Text%20Generation&per_page=100"
@@ -1996,7 +1990,7 @@ class CloudflareAdapter(Adapter):
                 payload.pop(name, None)
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         result = _cloudflare_result(native)
         if isinstance(result.get("choices"), list):  # newer models answer an OpenAI chat.completion
             return _complete_openai_shape(result, model)
@@ -2006,13 +2000,13 @@ class CloudflareAdapter(Adapter):
         if calls:
             message["tool_calls"] = calls
         finish = "tool_calls" if calls else "stop"
-        return build_completion(model, created, message, finish, _cloudflare_usage(result.get("usage")))
+        return build_completion(model, 0, message, finish, _cloudflare_usage(result.get("usage")))
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """SSE `data: {"response": "...", "p": "..."}` ... `data: {"response": "", "usage": {...}}`, [DONE]."""
-        chunks, tools = _Chunks(model, created), []
+        chunks, tools = ChunkStream(model), []
         usage, finish, done = None, None, False
         async for event in events:
             if event.data == "[DONE]":

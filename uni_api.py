@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable and globals().get("__file__"):
-    # CPython keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which
-    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it;
-    # like a script's own sys.path[0], the folder searched is the one of the file a symlink points to.
+# Run as a script, uni_api.py re-executes itself as an import, here, before anything else is imported: CPython
+# keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which for a server is
+# never. The new image has the same pid, interpreter flags and arguments; like a script's own sys.path[0], the
+# folder searched is the one of the file a symlink points to. UNI_API_NO_REEXEC=1 turns it off, and it stays off
+# under a debugger, coverage or a profiler (a trace or profile hook is set, or one of their modules is loaded):
+# os.execv would replace the process they watch with one they do not.
+if (__name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable
+        and globals().get("__file__") and os.environ.get("UNI_API_NO_REEXEC", "").lower() not in ("1", "true", "yes")
+        and sys.gettrace() is None and sys.getprofile() is None
+        and not any(name in sys.modules for name in ("pdb", "bdb", "pydevd", "debugpy", "coverage", "cProfile",
+                                                     "profile", "pyinstrument", "yappi", "trace"))):
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     os.execv(sys.executable, [sys.executable, *_flags, "-c", "import os, sys; sys.path.insert(0, os.path.dirname("
              "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.realpath(__file__), *sys.argv[1:]])
@@ -209,6 +216,7 @@ class Config:
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
+    placeholders: tuple[str, ...] = ()  # "file:line: key path" of each value left as api.yaml.example's
 
 
 # --- Config parsing ---
@@ -376,6 +384,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         line = mark.line + 1 if mark else 1
         raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
     root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
+    placeholders = tuple(_placeholders(root.data, source, "", 0))
     root.check_keys(("providers", "api_keys", "preferences"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
@@ -418,9 +427,26 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
+        placeholders=placeholders,
     )
     _check_moderation_rules(config, entries)
     return config
+
+
+# api.yaml.example's stand-ins for keys and ids (sk-replace-me, gsk-replace-me-1, ...): the start warns of each.
+PLACEHOLDER: Final = "replace-me"
+
+
+def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str]:
+    """Where a value still holds an example placeholder, as "file:line: key path"."""
+    if isinstance(value, str) and PLACEHOLDER in value:
+        yield f"{_source_name(source)}:{line + 1}: {path}"
+    elif isinstance(value, CommentedMap):
+        for key in value:
+            yield from _placeholders(value[key], source, f"{path}.{key}" if path else str(key), value.lc.key(key)[0])
+    elif isinstance(value, CommentedSeq):
+        for i, item in enumerate(value):
+            yield from _placeholders(item, source, f"{path}[{i}]", value.lc.item(i)[0])
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -455,6 +481,9 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
     )
+    for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
+        if not extra.get(required):
+            raise node.error(f"missing required key '{required}' (engine {provider.engine} needs it)", required)
     strategy = prefs.get("api_key_schedule_algorithm", str, "round_robin")
     if strategy not in KEY_STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(KEY_STRATEGY_NAMES)}", "api_key_schedule_algorithm")
@@ -2734,22 +2763,55 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def client_address(host: str, port: int) -> str:
+    """The base URL a client on this machine uses: a wildcard bind is reached through loopback."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/v1"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def startup_line(gw: Gateway, address: str, stats: StatsOptions) -> str:
+    """The one line a start prints once it listens: what runs, where to point clients, what was loaded."""
+    config = gw.config
+    return (f"uni-api {VERSION} serving {address} ({_plural(len(config.providers), 'provider')}, "
+            f"{_plural(len(gw.known_models), 'model')}, {_plural(len(config.api_keys), 'client key')}; "
+            f"stats: {stats.path or 'disabled'}; speedups: {', '.join(speedups()) or 'none'})")
+
+
+def warn_placeholders(config: Config) -> None:
+    for where in config.placeholders:
+        logger.warning("%s is still the example's placeholder (%s): put your own value there", where, PLACEHOLDER)
+
+
 def run(config: Config, host: str, port: int, source: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
     """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
 
     SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
-    then cancel what is left and return 0.
+    then cancel what is left and return 0. Once listening it logs `startup_line`.
     """
     import uvicorn
 
-    app = create_app(config, source=source, stats_options=StatsOptions.from_env())
+    stats = StatsOptions.from_env()
+    app = create_app(config, source=source, stats_options=stats)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound and listening: say so, and where
+                logger.info("%s", startup_line(app.state.gateway, client_address(host, port), stats))
+
     protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
-    with _signals_exit_zero():
-        uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
-                    access_log=_debug(), lifespan="on", server_header=False, http=protocol,
-                    timeout_graceful_shutdown=grace_period)  # type: ignore[arg-type]  # uvicorn waits a float fine
-    return 0
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info" if _debug() else "warning",
+                                   access_log=_debug(), lifespan="on", server_header=False, http=protocol,
+                                   timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # a float
+    warn_placeholders(config)
+    with _signals_exit_zero(), contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE  # as uvicorn.run exits when the start failed
 
 
 def _debug() -> bool:
@@ -2776,6 +2838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if args.check_config else STARTUP_FAILURE
     if args.check_config:
         print(f"{source}: OK\n{summarize(config)}")
+        for where in config.placeholders:
+            print(f"warning: {where} is still the example's placeholder ({PLACEHOLDER})", file=sys.stderr)
         return 0
     return run(config, args.host, args.port, source, args.grace_period)
 
