@@ -34,6 +34,7 @@ import logging
 import math
 import re
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -90,6 +91,9 @@ PROXY_SCHEMES: Final = ("http", "https", "socks4", "socks5", "socks5h")
 SPEEDUPS: Final = ("uvloop", "httptools", "orjson")
 MODERATION_MODELS: Final = ("omni-moderation-latest", "text-moderation-latest")  # ENABLE_MODERATION's, in order
 CONFIG_POLL_SECONDS: Final = 2.0  # how often a local config file's mtime and size are checked
+STATE_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads; Valkey too
+DEFAULT_STATE_PREFIX: Final = "uni-api"
+DEFAULT_STATE_TIMEOUT: Final = 0.25  # seconds: connect and reply; a dead Redis never holds a request longer
 
 logger = logging.getLogger("uni_api")
 
@@ -197,6 +201,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class StateOptions:
+    """`state:`: the Redis (or Valkey) where workers and instances share rate windows, cooldowns and benches."""
+
+    redis_url: str
+    prefix: str = DEFAULT_STATE_PREFIX
+    on_error: Literal["open", "closed"] = "open"  # Redis unreachable: decide locally, or answer 503
+    timeout_s: float = DEFAULT_STATE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     providers: Mapping[str, Provider]
@@ -210,6 +224,7 @@ class Config:
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
+    state: StateOptions | None = None  # None: this process's memory holds all scheduling state
 
 
 # --- Config parsing ---
@@ -356,6 +371,7 @@ _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_
                           "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides")
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
+_STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
                         "max_body_size", "request_timeout")
 
@@ -368,8 +384,11 @@ class _Globals:
     proxy: str | None
 
 
-def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -> Config:
-    """api.yaml text to frozen records; raises ConfigError naming file, line and key path."""
+def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
+                 env_redis_url: str | None = None) -> Config:
+    """api.yaml text to frozen records; raises ConfigError naming file, line and key path.
+
+    `env_redis_url` ($REDIS_URL) turns shared state on when api.yaml has no `state:`, and fills its `redis_url`."""
     try:
         raw = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -377,7 +396,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         line = mark.line + 1 if mark else 1
         raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
     root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
-    root.check_keys(("providers", "api_keys", "preferences"))
+    root.check_keys(("providers", "api_keys", "preferences", "state"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
     glob = _Globals(_timeouts(prefs, "model_timeout"), _seconds(prefs, "cooldown_period", DEFAULT_COOLDOWN),
@@ -419,9 +438,32 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
+        state=_parse_state(root, env_redis_url),
     )
     _check_moderation_rules(config, entries)
     return config
+
+
+def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
+    node = root.mapping("state")
+    if node is None:
+        return StateOptions(env_redis_url) if env_redis_url else None
+    node.check_keys(_STATE_KEYS)
+    url = node.get("redis_url", str, env_redis_url)
+    if not url:
+        raise node.error("missing required key 'redis_url' (or set REDIS_URL)")
+    if not url.startswith(STATE_URL_SCHEMES):
+        raise node.error(f"expected a URL starting {', '.join(STATE_URL_SCHEMES)}", "redis_url")
+    prefix = node.get("prefix", str, DEFAULT_STATE_PREFIX)
+    if not prefix.strip():
+        raise node.error("expected a non-empty string", "prefix")
+    on_error = node.get("on_error", str, "open")
+    if on_error not in ("open", "closed"):
+        raise node.error(f"expected open or closed, got {on_error!r}", "on_error")
+    timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
+    if timeout <= 0:
+        raise node.error("expected a number of seconds > 0", "timeout")
+    return StateOptions(url, prefix, on_error, timeout)
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -678,13 +720,13 @@ async def fetch_text(url: str, *, limit: int = CONFIG_FETCH_LIMIT, timeout: floa
 def load_config(source: str) -> Config:
     """Read a config from a path or an http(s) URL and parse it."""
     text = asyncio.run(fetch_text(source)) if _is_url(source) else read_config_file(source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 async def reload_config(source: str) -> Config:
     """load_config for a running loop: the file is read off the loop."""
     text = await fetch_text(source) if _is_url(source) else await asyncio.to_thread(read_config_file, source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 def _is_url(source: str) -> bool:
@@ -1299,6 +1341,8 @@ class Gateway:
     recent: AttemptStats = field(default_factory=lambda: AttemptStats())
     loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
     stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
+    shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
+    instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
 
 
 _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
@@ -1620,6 +1664,282 @@ async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> Asyn
         response.close()
 
 
+# --- Shared state: rate windows, cooldowns and key benches in Redis (or Valkey) ---
+# Workers and instances with the same `state:` see one set of limits and cooldowns. The scheduler stays pure:
+# admission reads what everyone recorded in one round trip and hands it over (adopt_cooldowns, adopt_benches);
+# failures write their cooldown with its real expiry. Time is Redis's own (TIME), so instance clocks may differ.
+# Redis keys hold fingerprints (a sha256 prefix), never a client or provider key. Round-robin positions stay per
+# instance: over N instances each rotates on its own, so shares even out but strict alternation does not hold.
+
+# KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
+# ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key.
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local n = tonumber(ARGV[1])
+local wait = 0
+for i = 1, n do
+  local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local used = redis.call('ZCARD', KEYS[i])
+  if used >= count then
+    local oldest = redis.call('ZRANGE', KEYS[i], used - count, used - count, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
+end
+if wait == 0 then
+  for i = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+  end
+end
+local out = {math.ceil(wait)}
+for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
+return out
+"""
+# KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
+# window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
+# position, or 0 when none has.
+_ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local l = tonumber(ARGV[1])
+for c = 0, #KEYS / (l + 1) - 1 do
+  local base = c * (l + 1)
+  if redis.call('EXISTS', KEYS[base + 1]) == 0 then
+    local room = true
+    for i = 1, l do
+      local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+      redis.call('ZREMRANGEBYSCORE', KEYS[base + 1 + i], '-inf', now - window)
+      if redis.call('ZCARD', KEYS[base + 1 + i]) >= count then room = false end
+    end
+    if room then
+      for i = 1, l do
+        redis.call('ZADD', KEYS[base + 1 + i], now, ARGV[2])
+        redis.call('PEXPIRE', KEYS[base + 1 + i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+      end
+      return c + 1
+    end
+  end
+end
+return 0
+"""
+# KEYS[1] cools (or is benched) for ARGV[1] ms, unless it already is for longer.
+_COOL_LUA: Final = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return 0
+"""
+SHARED_RETRY_S: Final = 1.0  # after a failure, Redis is left alone this long (requests decide without it)
+SHARED_WARN_EVERY_S: Final = 10.0
+
+
+class SharedStateDown(GatewayError):
+    status, type, code = 503, "server_error", "shared_state_unavailable"
+
+
+class SharedState:
+    """The Redis client, its three scripts, and the health /metrics and /status report.
+
+    Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
+    then does what `on_error` says. After a failure Redis is tried again after SHARED_RETRY_S, so sharing
+    resumes by itself when it is back and a dead Redis costs a request nothing but the local decision.
+    """
+
+    def __init__(self, options: StateOptions) -> None:
+        import redis.asyncio  # only here: a one-process gateway never needs redis-py
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.options = options
+        self.errors = 0  # decisions taken without Redis (a metric)
+        self.down_since: float | None = None
+        self._client = redis.asyncio.Redis.from_url(
+            options.redis_url, socket_timeout=options.timeout_s, socket_connect_timeout=options.timeout_s,
+            retry=Retry(NoBackoff(), 0))  # redis-py retries with backoff by default: a fault would hang requests
+        self._admit = self._client.register_script(_ADMIT_LUA)
+        self._acquire = self._client.register_script(_ACQUIRE_LUA)
+        self._cool = self._client.register_script(_COOL_LUA)
+        self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._retry_at = self._warned_at = -math.inf
+        self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
+        self._count = 0
+        self._names: dict[tuple[str, ...], str] = {}
+
+    def name(self, kind: str, *parts: str) -> str:
+        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+        found = self._names.get((kind, *parts))
+        if found is None:
+            if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
+                self._names.clear()
+            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}"
+        return found
+
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[str]:
+        """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
+        entry, limits = found
+        return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
+
+    async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[str]) -> list[int] | None:
+        """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
+        args = [len(windows), self._next_member(), *_limit_args(limits)]
+        return await self._call(lambda: self._admit([*windows, *ttl_keys], args))
+
+    async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
+        """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
+        keys = [name for bench, names in candidates for name in (bench, *names)]
+        args = [len(limits), self._next_member(), *_limit_args(limits)]
+        found = await self._call(lambda: self._acquire(keys, args))
+        return None if found is None else int(found) - 1
+
+    async def cool(self, name: str, seconds: float) -> None:
+        """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
+        await self._call(lambda: self._cool([name], [math.ceil(seconds * 1000)]))
+
+    async def clear(self, name: str) -> None:
+        await self._call(lambda: self._client.delete(name))
+
+    async def ping(self) -> bool:
+        return await self._call(self._client.ping) is not None
+
+    async def close(self) -> None:
+        closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
+        await closing()
+
+    def _next_member(self) -> str:
+        self._count += 1
+        return f"{self._member}{self._count}"
+
+    async def _call(self, command: Callable[[], Awaitable[Any]]) -> Any:
+        if time.monotonic() < self._retry_at:
+            self._fault(None)
+            return None
+        try:
+            result = await command()
+        except self._faults as exc:
+            self._fault(exc)
+            return None
+        if self.down_since is not None:
+            logger.warning("shared state: Redis answers again after %.1f s; limits and cooldowns are shared again",
+                           time.time() - self.down_since)
+            self.down_since = None
+        return result
+
+    def _fault(self, exc: BaseException | None) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if exc is not None:
+            self._retry_at = now + SHARED_RETRY_S
+            self.down_since = self.down_since or time.time()
+        if now - self._warned_at >= SHARED_WARN_EVERY_S:
+            self._warned_at = now
+            decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
+            logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
+                           str(exc or "still down") or type(exc).__name__,
+                           self.options.on_error, decided, self.errors)
+
+
+def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
+    return [value for limit in limits for value in (limit.count, limit.window_s * 1000)]
+
+
+def _redis_where(url: str) -> str:
+    """host:port/db of a redis URL, without user or password."""
+    rest = url.split("://", 1)[1]
+    return rest.rsplit("@", 1)[-1]
+
+
+def render_shared_metrics(gw: Gateway) -> str:
+    lines = ["# HELP uni_api_instance_info The instance that answered (hostname:pid, or $INSTANCE_ID).",
+             "# TYPE uni_api_instance_info gauge", f'uni_api_instance_info{{instance_id="{gw.instance}"}} 1']
+    if gw.shared is not None:
+        lines += ["# HELP uni_api_shared_state_up 1 while Redis (shared state) answers, 0 while it does not.",
+                  "# TYPE uni_api_shared_state_up gauge",
+                  f"uni_api_shared_state_up {int(gw.shared.down_since is None)}",
+                  "# HELP uni_api_shared_state_errors_total Decisions taken without Redis (on_error open or closed).",
+                  "# TYPE uni_api_shared_state_errors_total counter",
+                  f"uni_api_shared_state_errors_total {gw.shared.errors}"]
+    return "\n".join(lines) + "\n"
+
+
+def shared_state_line(gw: Gateway) -> str:
+    """The /status page's sentence about this instance and its shared state."""
+    where = f"Instance {html.escape(gw.instance)}."
+    shared = gw.shared
+    if shared is None:
+        return f"{where} Limits and cooldowns are kept in this process only."
+    target = html.escape(f"{_redis_where(shared.options.redis_url)} (prefix {shared.options.prefix})")
+    if shared.down_since is None:
+        return f"{where} Shared state: Redis at {target}, answering."
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(shared.down_since))
+    return (f"{where} <strong>Shared state: Redis at {target} UNREACHABLE since {since}</strong>; on_error "
+            f"{shared.options.on_error}, {shared.errors} decisions taken without it.")
+
+
+async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str,
+                       channels: Sequence[Channel]) -> int:
+    """One round trip: check-and-record the key's shared rate windows, and adopt the cooldowns of `channels`
+    and the benches of their providers' keys. Seconds to wait, 0 when admitted."""
+    limits = key.rate_limits or gw.config.rate_limits
+    found = limits.lookup(model) if limits is not None else None
+    windows = shared.windows(("client", key.token), found) if found is not None else []
+    providers = [gw.config.providers[name] for name in dict.fromkeys(channel.provider for channel in channels)]
+    cools = [shared.name("cool", c.provider, c.upstream_model) for c in channels]
+    benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
+    answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
+    if answer is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.admit(key.token, model, limits)
+    wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
+    gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
+    start = len(channels)
+    for provider in providers:
+        gw.scheduler.adopt_benches(provider.name, ttls[start:start + len(provider.api_keys)])
+        start += len(provider.api_keys)
+    return math.ceil(wait / 1000)
+
+
+async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: str, tried: list[int]) -> int | None:
+    """`Scheduler.acquire_key` with the provider's `api_key_rate_limit` windows and benches kept in Redis."""
+    pool = policy.keys
+    found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
+    if found is None:
+        return gw.scheduler.acquire_key(pool, model, tried)
+    order = gw.scheduler.key_order(pool, tried)
+    provider = gw.config.providers[pool.provider]
+    candidates = [(shared.name("bench", provider.name, provider.api_keys[i]),
+                   shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
+    position = await shared.acquire(candidates, found[1]) if order else -1
+    if position is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.acquire_key(pool, model, tried)
+    if position < 0:
+        return None
+    gw.scheduler.key_taken(pool, order[position])
+    return order[position]
+
+
+async def channel_failed(gw: Gateway, channel: Channel) -> None:
+    """Cool the channel here and, with shared state, everywhere (until its real expiry)."""
+    gw.scheduler.record_failure(channel)
+    if gw.shared is not None and channel.cooldown_s > 0:
+        await gw.shared.cool(gw.shared.name("cool", channel.provider, channel.upstream_model), channel.cooldown_s)
+
+
+async def key_failed(gw: Gateway, policy: Policy, index: int, retry_after: float | None) -> None:
+    """Bench the key here and, with shared state, everywhere, for the longer of its cooldown and Retry-After."""
+    gw.scheduler.record_key_failure(policy.keys, index, retry_after)
+    period = max(policy.keys.cooldown_s, retry_after or 0.0)
+    if gw.shared is not None and period > 0:
+        provider = gw.config.providers[policy.keys.provider]
+        await gw.shared.cool(gw.shared.name("bench", provider.name, provider.api_keys[index]), period)
+
+
+
 # --- Request flow: plan, attempts, failover ---
 
 
@@ -1633,9 +1953,11 @@ def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
 
 
-def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+async def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
     if policy.keys.size == 0:
         return None if tried else -1
+    if gw.shared is not None and policy.keys.rate_limits is not None:
+        return await shared_key(gw, gw.shared, policy, model, tried)
     return gw.scheduler.acquire_key(policy.keys, model, tried)
 
 
@@ -1665,13 +1987,16 @@ class _NotServed(UpstreamError):
 
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send, record: RequestRecord | None = None) -> Response:
     """Admit one request of `key` for `model`, then fail over across its channels."""
-    return await failover(gw, key, model, admit(gw, key, model), send, record)
+    return await failover(gw, key, model, await admit(gw, key, model), send, record)
 
 
-def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+async def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
     channels = channels_for(gw, key, model)
-    wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    if gw.shared is None:
+        wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    else:
+        wait = await shared_admit(gw, gw.shared, key, model, channels)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
     return channels
@@ -1698,10 +2023,10 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
     budget.start(gw.config, timeout)
     tried: list[int] = []
     while budget.attempts > 0 and (left := budget.time_left()) > 0:
-        index = _next_key(gw, policy, channel.upstream_model, tried)
+        index = await _next_key(gw, policy, channel.upstream_model, tried)
         if index is None:
             if tried:  # every key failed this request: the channel failed
-                gw.scheduler.record_failure(channel)
+                await channel_failed(gw, channel)
             else:
                 failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
             return None
@@ -1721,10 +2046,10 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
         elif isinstance(outcome, _NotServed):
             budget.attempts += 1  # nothing was sent upstream
         elif outcome.status in _KEY_FAILURES and index >= 0:
-            gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
+            await key_failed(gw, policy, index, outcome.retry_after)
             continue
         else:
-            gw.scheduler.record_failure(channel)
+            await channel_failed(gw, channel)
         return None
     return None
 
@@ -1752,7 +2077,8 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
         exc.message = _redact_secrets(exc.message, gw.config.secrets)
         _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
         return exc
-    gw.scheduler.record_success(channel)
+    if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
+        await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
     _log_attempt(key, channel, index, response.status_code, started, "", record)
     return response
 
@@ -1887,7 +2213,7 @@ async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
 async def chat_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
                     record: RequestRecord | None = None) -> Response:
     """Admission, then moderation when the key has it on, then the chat attempts."""
-    channels = admit(gw, key, model)
+    channels = await admit(gw, key, model)
     if key.moderation:
         await moderate(gw, key, body)
     return await failover(gw, key, model, channels, chat_sender(gw, body, model, record), record)
@@ -2052,6 +2378,7 @@ def render_status(gw: Gateway, now: float) -> str:
             f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
             f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
             f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
+            f"<p>{shared_state_line(gw)}</p>"
             f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
             f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
             f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
@@ -2248,7 +2575,7 @@ async def _relay_messages(model: str, stop_sequences: tuple[str, ...], first: di
 async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
                         client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
     """chat_flow for Messages requests: admission, moderation when the key has it on, then the attempts."""
-    channels = admit(gw, key, model)
+    channels = await admit(gw, key, model)
     if key.moderation:
         await moderate(gw, key, body)  # last_user_text reads Messages turns as well
     return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers, record), record)
@@ -2324,7 +2651,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 async def stats_summary(request: Request) -> Response:
     gw = _admin(request)
     hours = _int_param(request, "hours", 24, 1, 24 * 366)
-    return JSONResponse(await gw.stats.summary(hours))
+    return JSONResponse({**await gw.stats.summary(hours), "instance": gw.instance})
 
 
 def _time_param(request: Request, name: str) -> float | None:
@@ -2372,7 +2699,7 @@ async def token_usage(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics; admin keys only, like /v1/stats (labels name providers and models, never keys)."""
     gw = _admin(request)
-    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling()))
+    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling())) + render_shared_metrics(gw)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -2581,6 +2908,8 @@ async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.C
     except ConfigError as exc:
         logger.error("config reload failed, the running config stays: %s", exc)
         return False
+    if gateway.config.state != app.state.gateway.config.state:
+        logger.warning("config reload: changes to state: (shared state) take effect at the next start")
     app.state.gateway = gateway
     logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
     return True
@@ -2646,6 +2975,22 @@ async def config_reloading(app: Starlette, source: str | None, poll_s: float,
             await task
 
 
+def instance_id() -> str:
+    """$INSTANCE_ID, else hostname:pid: which worker or instance answered."""
+    return os.environ.get("INSTANCE_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def start_shared_state(options: StateOptions | None) -> SharedState | None:
+    """The Redis client for `state:`; an unreachable Redis is a warning, as on_error then decides each request."""
+    if options is None:
+        return None
+    shared = SharedState(options)
+    if await shared.ping():
+        logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
+                    options.prefix, options.on_error)
+    return shared
+
+
 async def _start_stats(stats: Stats) -> None:
     try:
         await stats.start()
@@ -2683,10 +3028,11 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         socks: dict[str, aiohttp.ClientSession] = {}
         stats = Stats(stats_options)
+        shared = await start_shared_state(config.state)
         try:
             await _start_stats(stats)
             base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
-                           TokenCache(session), socks, stats=stats)
+                           TokenCache(session), socks, stats=stats, shared=shared, instance=instance_id())
             try:
                 app.state.gateway = await build_gateway(config, base, socks)
             except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
@@ -2697,6 +3043,8 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
                 yield
         finally:
             await stats.close()
+            if shared is not None:
+                await shared.close()
             for open_session in (session, *socks.values()):
                 await open_session.close()
 
