@@ -3155,6 +3155,125 @@ def _signals_exit_zero() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# --- Workers: one supervisor, N gateway processes accepting on one listening socket ---
+
+WORKER_RESTART_DELAY_S: Final = 1.0  # a worker that dies younger than this is replaced after this long
+_PR_SET_PDEATHSIG: Final = 1  # prctl(2)
+
+
+@dataclass(frozen=True, slots=True)
+class _Serve:
+    """What every worker serves: run()'s arguments plus the supervisor's listening socket."""
+
+    config: Config
+    host: str
+    port: int
+    source: str
+    grace_period: float
+    sock: socket.socket
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket all workers accept on, made before they are forked: a dying worker leaves it open, so no
+    connection is refused while its replacement starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def supervise(config: Config, host: str, port: int, source: str, grace_period: float, workers: int) -> int:
+    """Run `workers` gateway processes on one port: replace one that dies, forward SIGHUP (reload) to all, and
+    on SIGTERM/SIGINT forward SIGTERM so each drains within the grace period; returns 0 when all have ended."""
+    if not hasattr(os, "fork"):
+        print("error: --workers needs fork(), which this platform lacks", file=sys.stderr)
+        return STARTUP_FAILURE
+    try:
+        serve = _Serve(config, host, port, source, grace_period, listening_socket(host, port))
+        options = StatsOptions.from_env()
+        if options.path is not None:  # create and migrate it once, not in N workers at the same moment
+            StatsStore(options.path).close()
+    except (OSError, StatsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    supervisor = os.getpid()
+    children: dict[int, tuple[int, float]] = {}  # pid: (slot, started)
+    stopping: list[int] = []  # the stop signal, once one came
+
+    def forward(sig: int, frame: Any) -> None:
+        if os.getpid() != supervisor:  # a worker forked a moment ago, before it reset its handlers
+            return
+        if sig != signal.SIGHUP:
+            stopping.append(sig)
+            serve.sock.close()  # the workers' copies stay open until each has stopped accepting
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    try:
+        for slot in range(workers):
+            children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
+        while children:
+            pid, status = os.wait()
+            slot, born = children.pop(pid, (-1, 0.0))
+            if slot < 0 or stopping:
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
+                           os.waitstatus_to_exitcode(status))
+            if time.monotonic() - born < WORKER_RESTART_DELAY_S:
+                time.sleep(WORKER_RESTART_DELAY_S)
+            if not stopping:
+                children[_fork_worker(serve, slot, fresh=True)] = (slot, time.monotonic())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.sock.close()
+    return 0
+
+
+def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    """Fork worker `slot`; in the child, serve until stopped and exit, never returning here."""
+    pid = os.fork()
+    if pid:
+        logger.info("worker %d started (pid %d)", slot, pid)
+        return pid
+    code = 1
+    try:
+        code = _worker(serve, slot, fresh=fresh)
+    except SystemExit as exc:  # SIGTERM's graceful end (see _signals_exit_zero)
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        logger.exception("worker %d failed", slot)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes SIGHUP for reloads
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM to each
+    if sys.platform.startswith("linux"):  # end with the supervisor, even when it is killed outright
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if "INSTANCE_ID" in os.environ:
+        os.environ["INSTANCE_ID"] += f"/{slot}"
+    config = serve.config
+    if fresh:  # a replacement serves the config as it is now, as its siblings do after their reloads
+        try:
+            config = load_config(serve.source)
+        except ConfigError as exc:
+            logger.error("worker %d: config reload failed, serving the one the supervisor started with: %s", slot, exc)
+    return run(config, serve.host, serve.port, serve.source, serve.grace_period, serve.sock)
+
+
+
 # --- CLI ---
 
 
@@ -3179,25 +3298,31 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
+    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+                        help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
+    parser.add_argument("--allow-unshared-state", action="store_true",
+                        help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")
     return parser.parse_args(argv)
 
 
 def run(config: Config, host: str, port: int, source: str | None = None,
-        grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
+        grace_period: float = DEFAULT_GRACE_PERIOD, sock: socket.socket | None = None) -> int:
     """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
 
     SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
-    then cancel what is left and return 0.
+    then cancel what is left and return 0. A worker serves `sock`, the supervisor's listening socket.
     """
     import uvicorn
 
     app = create_app(config, source=source, stats_options=StatsOptions.from_env())
     protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
-    with _signals_exit_zero():
-        uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
-                    access_log=_debug(), lifespan="on", server_header=False, http=protocol,
-                    timeout_graceful_shutdown=grace_period)  # type: ignore[arg-type]  # uvicorn waits a float fine
-    return 0
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=host, port=port, log_level="info" if _debug() else "warning", access_log=_debug(),
+        lifespan="on", server_header=False, http=protocol,
+        timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # uvicorn waits a float fine
+    with _signals_exit_zero(), contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=None if sock is None else [sock])
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def _debug() -> bool:
@@ -3225,6 +3350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(f"{source}: OK\n{summarize(config)}")
         return 0
+    if args.workers > 1 and config.state is None and not args.allow_unshared_state:
+        print(f"error: --workers {args.workers} without shared state: each worker would keep its own rate limits"
+              f" (rate_limit 10/min would admit up to {10 * args.workers}/min), cooldowns and key benches. Set"
+              " state.redis_url in the config (or REDIS_URL), or pass --allow-unshared-state to accept that.",
+              file=sys.stderr)
+        return STARTUP_FAILURE
+    if args.workers > 1:
+        return supervise(config, args.host, args.port, source, args.grace_period, args.workers)
     return run(config, args.host, args.port, source, args.grace_period)
 
 
