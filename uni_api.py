@@ -453,7 +453,7 @@ def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     if not url:
         raise node.error("missing required key 'redis_url' (or set REDIS_URL)")
     if not url.startswith(STATE_URL_SCHEMES):
-        raise node.error(f"expected a URL starting {', '.join(STATE_URL_SCHEMES)}", "redis_url")
+        raise node.error("expected a redis://, rediss:// or unix:// URL", "redis_url")
     prefix = node.get("prefix", str, DEFAULT_STATE_PREFIX)
     if not prefix.strip():
         raise node.error("expected a non-empty string", "prefix")
