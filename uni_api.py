@@ -1739,11 +1739,13 @@ class SharedStateDown(GatewayError):
 
 
 class SharedState:
-    """The Redis client, its three scripts, and the health /metrics and /status report.
+    """The Redis client, the scripts above, and the health that /metrics and /status report.
 
+    Commands issued in one turn of the event loop go to Redis together, in one pipeline: under load many
+    requests share a round trip, which is most of what Redis costs a request in CPU (bench/capacity.py).
     Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
-    then does what `on_error` says. After a failure Redis is tried again after SHARED_RETRY_S, so sharing
-    resumes by itself when it is back and a dead Redis costs a request nothing but the local decision.
+    then does what `on_error` says. After a failure Redis is left alone for SHARED_RETRY_S, then tried again,
+    so sharing resumes by itself when it is back and a dead Redis costs a request only the local decision.
     """
 
     def __init__(self, options: StateOptions) -> None:
@@ -1754,13 +1756,14 @@ class SharedState:
         self.options = options
         self.errors = 0  # decisions taken without Redis (a metric)
         self.down_since: float | None = None
-        self._client = redis.asyncio.Redis.from_url(
-            options.redis_url, socket_timeout=options.timeout_s, socket_connect_timeout=options.timeout_s,
-            retry=Retry(NoBackoff(), 0))  # redis-py retries with backoff by default: a fault would hang requests
-        self._admit = self._client.register_script(_ADMIT_LUA)
-        self._acquire = self._client.register_script(_ACQUIRE_LUA)
-        self._cool = self._client.register_script(_COOL_LUA)
+        # No socket_timeout: one timeout bounds each whole pipeline (_execute). No retries: redis-py retries
+        # with backoff by default, which would hold requests while Redis is down.
+        self._client = redis.asyncio.Redis.from_url(options.redis_url, socket_connect_timeout=options.timeout_s,
+                                                    retry=Retry(NoBackoff(), 0))
+        self._no_script = redis.exceptions.NoScriptError
         self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Future[None]] = set()
         self._retry_at = self._warned_at = -math.inf
         self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
         self._count = 0
@@ -1784,25 +1787,26 @@ class SharedState:
     async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
                     ttl_keys: Sequence[str]) -> list[int] | None:
         """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
-        args = [len(windows), self._next_member(), *_limit_args(limits)]
-        return await self._call(lambda: self._admit([*windows, *ttl_keys], args))
+        keys = [*windows, *ttl_keys]
+        return await self._call("EVALSHA", _SHA["admit"], len(keys), *keys, len(windows), self._next_member(),
+                                *_limit_args(limits))
 
     async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
         """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
         keys = [name for bench, names in candidates for name in (bench, *names)]
-        args = [len(limits), self._next_member(), *_limit_args(limits)]
-        found = await self._call(lambda: self._acquire(keys, args))
+        found = await self._call("EVALSHA", _SHA["acquire"], len(keys), *keys, len(limits), self._next_member(),
+                                 *_limit_args(limits))
         return None if found is None else int(found) - 1
 
     async def cool(self, name: str, seconds: float) -> None:
         """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
-        await self._call(lambda: self._cool([name], [math.ceil(seconds * 1000)]))
+        await self._call("EVALSHA", _SHA["cool"], 1, name, math.ceil(seconds * 1000))
 
     async def clear(self, name: str) -> None:
-        await self._call(lambda: self._client.delete(name))
+        await self._call("DEL", name)
 
     async def ping(self) -> bool:
-        return await self._call(self._client.ping) is not None
+        return await self._call("PING") is not None
 
     async def close(self) -> None:
         closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
@@ -1812,12 +1816,19 @@ class SharedState:
         self._count += 1
         return f"{self._member}{self._count}"
 
-    async def _call(self, command: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, *command: Any) -> Any:
+        """One command, sent with the others of this turn of the event loop."""
         if time.monotonic() < self._retry_at:
             self._fault(None)
             return None
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
         try:
-            result = await command()
+            result = await future
+            if isinstance(result, Exception):  # this command's own error, e.g. a wrong type at its key
+                raise result
         except self._faults as exc:
             self._fault(exc)
             return None
@@ -1826,6 +1837,44 @@ class SharedState:
                            time.time() - self.down_since)
             self.down_since = None
         return result
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await _within(self.options.timeout_s, self._execute([command for command, _ in batch]))
+        except Exception as exc:  # handed to each waiting request, which decides by on_error
+            results = [exc] * len(batch)
+        except BaseException:  # the loop is closing
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its request may have ended meanwhile
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._pipeline(commands)
+        if any(isinstance(result, self._no_script) for result in results):  # a restarted Redis forgot them
+            for text in _SCRIPTS.values():
+                await self._client.script_load(text)
+            results = await self._pipeline(commands)
+        return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:  # a pipeline object costs more than the one command it would carry
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except self._no_script as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
     def _fault(self, exc: BaseException | None) -> None:
         self.errors += 1
@@ -1837,8 +1886,13 @@ class SharedState:
             self._warned_at = now
             decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
             logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
-                           str(exc or "still down") or type(exc).__name__,
-                           self.options.on_error, decided, self.errors)
+                           str(exc or "still down") or type(exc).__name__, self.options.on_error, decided,
+                           self.errors)
+
+
+_SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
+_SHA: Final[Mapping[str, str]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()})
 
 
 def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
