@@ -447,7 +447,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
 def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     node = root.mapping("state")
     if node is None:
-        return StateOptions(env_redis_url) if env_redis_url else None
+        return _redis_installed(root, StateOptions(env_redis_url)) if env_redis_url else None
     node.check_keys(_STATE_KEYS)
     url = node.get("redis_url", str, env_redis_url)
     if not url:
@@ -463,7 +463,13 @@ def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
     if timeout <= 0:
         raise node.error("expected a number of seconds > 0", "timeout")
-    return StateOptions(url, prefix, on_error, timeout)
+    return _redis_installed(node, StateOptions(url, prefix, on_error, timeout))
+
+
+def _redis_installed(node: _Node, options: StateOptions) -> StateOptions:
+    if importlib.util.find_spec("redis") is None:
+        raise node.error("shared state needs the package redis (pip install redis; it is in requirements.txt)")
+    return options
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -1770,7 +1776,8 @@ class SharedState:
         self._names: dict[tuple[str, ...], str] = {}
 
     def name(self, kind: str, *parts: str) -> str:
-        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+        """`{prefix}:kind:fingerprint`. The braces make the prefix a hash tag: all keys one script touches fall
+        in one slot, as Redis Cluster proxies require."""
         found = self._names.get((kind, *parts))
         if found is None:
             if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
