@@ -1815,6 +1815,11 @@ class SharedState:
     async def ping(self) -> bool:
         return await self._call("PING") is not None
 
+    def refuse_when_closed(self) -> None:
+        """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
+        if self.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+
     async def close(self) -> None:
         closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
         await closing()
@@ -1951,8 +1956,7 @@ async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str
     benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
     answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
     if answer is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.admit(key.token, model, limits)
     wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
     gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
@@ -1975,8 +1979,7 @@ async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: st
                    shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
     position = await shared.acquire(candidates, found[1]) if order else -1
     if position is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.acquire_key(pool, model, tried)
     if position < 0:
         return None
