@@ -3351,6 +3351,12 @@ def speedups() -> list[str]:
     return active
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="uni-api", description="One OpenAI-compatible endpoint for many LLMs.")
     parser.add_argument("--config", help="api.yaml path or http(s) URL (default: $CONFIG_URL, then ./api.yaml)")
@@ -3362,7 +3368,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
-    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+    parser.add_argument("--workers", type=_positive_int, default=os.environ.get("WORKERS") or "1",
                         help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
     parser.add_argument("--allow-unshared-state", action="store_true",
                         help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")

@@ -63,6 +63,13 @@ def test_more_than_one_worker_without_shared_state_is_refused_naming_what_would_
     assert "rate limits" in out.stderr and "cooldowns" in out.stderr and "--allow-unshared-state" in out.stderr
 
 
+def test_workers_must_be_a_whole_number_of_at_least_one(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "--workers", "0"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 2
+    assert "--workers: expected a whole number >= 1, got '0'" in out.stderr
+
+
 def test_two_workers_serve_one_port_share_limits_reload_on_sighup_and_a_dead_one_is_replaced(
         upstream: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
     config = worker_config(redis_server, upstream, rate_limit="4/min")
