@@ -3277,6 +3277,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    result = 0
     try:
         for slot in range(workers):
             children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
@@ -3285,8 +3286,13 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
             slot, born = children.pop(pid, (-1, 0.0))
             if slot < 0 or stopping:
                 continue
-            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
-                           os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            if code == STARTUP_FAILURE:  # its lifespan failed (stats file, models): a new one would fail alike
+                logger.error("worker %d (pid %d) could not start; stopping the others", slot, pid)
+                forward(signal.SIGTERM, None)
+                result = STARTUP_FAILURE
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid, code)
             if time.monotonic() - born < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
             if not stopping:
@@ -3295,7 +3301,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         serve.sock.close()
-    return 0
+    return result
 
 
 def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
