@@ -700,6 +700,9 @@ def summarize(config: Config) -> str:
         lines.append(f"  provider {provider.name} [{provider.engine}] {len(provider.api_keys)} key(s): {models}")
     for key in config.api_keys:
         lines.append(f"  key {key.label} role={key.role} {key.strategy}: {len(key.rules)} rule(s)")
+    if config.state is not None:
+        lines.append(f"  shared state: Redis at {_redis_where(config.state.redis_url)}, prefix {config.state.prefix},"
+                     f" on_error {config.state.on_error}")
     return "\n".join(lines)
 
 
