@@ -472,7 +472,7 @@ def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str
 def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     node = root.mapping("state")
     if node is None:
-        return StateOptions(env_redis_url) if env_redis_url else None
+        return _redis_installed(root, StateOptions(env_redis_url)) if env_redis_url else None
     node.check_keys(_STATE_KEYS)
     url = node.get("redis_url", str, env_redis_url)
     if not url:
@@ -488,7 +488,13 @@ def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
     if timeout <= 0:
         raise node.error("expected a number of seconds > 0", "timeout")
-    return StateOptions(url, prefix, on_error, timeout)
+    return _redis_installed(node, StateOptions(url, prefix, on_error, timeout))
+
+
+def _redis_installed(node: _Node, options: StateOptions) -> StateOptions:
+    if importlib.util.find_spec("redis") is None:
+        raise node.error("shared state needs the package redis (pip install redis; it is in requirements.txt)")
+    return options
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -722,6 +728,9 @@ def summarize(config: Config) -> str:
         lines.append(f"  provider {provider.name} [{provider.engine}] {len(provider.api_keys)} key(s): {models}")
     for key in config.api_keys:
         lines.append(f"  key {key.label} role={key.role} {key.strategy}: {len(key.rules)} rule(s)")
+    if config.state is not None:
+        lines.append(f"  shared state: Redis at {_redis_where(config.state.redis_url)}, prefix {config.state.prefix},"
+                     f" on_error {config.state.on_error}")
     return "\n".join(lines)
 
 
@@ -1732,7 +1741,8 @@ async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> Asyn
 
 # KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
 # ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
-# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key.
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key, comma-separated
+# (one string is parsed far faster by redis-py than an array of integers).
 _ADMIT_LUA: Final = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + t[2] / 1000
@@ -1755,7 +1765,7 @@ if wait == 0 then
 end
 local out = {math.ceil(wait)}
 for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
-return out
+return table.concat(out, ',')
 """
 # KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
 # window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
@@ -1824,56 +1834,64 @@ class SharedState:
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Future[None]] = set()
         self._retry_at = self._warned_at = -math.inf
-        self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
+        self._member = os.urandom(6).hex().encode() + b":"  # + a counter: unique per request across instances
         self._count = 0
-        self._names: dict[tuple[str, ...], str] = {}
+        # Arguments go to redis-py as bytes: its pure-Python packer then copies them instead of converting each.
+        self._names: dict[tuple[str, ...], bytes] = {}
 
-    def name(self, kind: str, *parts: str) -> str:
-        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+    def name(self, kind: str, *parts: str) -> bytes:
+        """`{prefix}:kind:fingerprint`. The braces make the prefix a hash tag: all keys one script touches fall
+        in one slot, as Redis Cluster proxies require."""
         found = self._names.get((kind, *parts))
         if found is None:
             if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
                 self._names.clear()
             digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
-            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}"
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}".encode()
         return found
 
-    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[str]:
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[bytes]:
         """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
         entry, limits = found
         return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
 
-    async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
-                    ttl_keys: Sequence[str]) -> list[int] | None:
+    async def admit(self, windows: Sequence[bytes], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[bytes]) -> list[int] | None:
         """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
         keys = [*windows, *ttl_keys]
-        return await self._call("EVALSHA", _SHA["admit"], len(keys), *keys, len(windows), self._next_member(),
-                                *_limit_args(limits))
+        found = await self._call(b"EVALSHA", _SHA["admit"], b"%d" % len(keys), *keys, b"%d" % len(windows),
+                                 self._next_member(), *_limit_args(limits))
+        return None if found is None else [int(number) for number in found.split(b",")]
 
-    async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
+    async def acquire(self, candidates: Sequence[tuple[bytes, list[bytes]]], limits: Sequence[RateLimit]) -> int | None:
         """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
         keys = [name for bench, names in candidates for name in (bench, *names)]
-        found = await self._call("EVALSHA", _SHA["acquire"], len(keys), *keys, len(limits), self._next_member(),
-                                 *_limit_args(limits))
+        found = await self._call(b"EVALSHA", _SHA["acquire"], b"%d" % len(keys), *keys, b"%d" % len(limits),
+                                 self._next_member(), *_limit_args(limits))
         return None if found is None else int(found) - 1
 
-    async def cool(self, name: str, seconds: float) -> None:
+    async def cool(self, name: bytes, seconds: float) -> None:
         """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
-        await self._call("EVALSHA", _SHA["cool"], 1, name, math.ceil(seconds * 1000))
+        await self._call(b"EVALSHA", _SHA["cool"], b"1", name, b"%d" % math.ceil(seconds * 1000))
 
-    async def clear(self, name: str) -> None:
+    async def clear(self, name: bytes) -> None:
         await self._call("DEL", name)
 
     async def ping(self) -> bool:
         return await self._call("PING") is not None
 
+    def refuse_when_closed(self) -> None:
+        """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
+        if self.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+
     async def close(self) -> None:
         closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
         await closing()
 
-    def _next_member(self) -> str:
+    def _next_member(self) -> bytes:
         self._count += 1
-        return f"{self._member}{self._count}"
+        return b"%s%d" % (self._member, self._count)
 
     async def _call(self, *command: Any) -> Any:
         """One command, sent with the others of this turn of the event loop."""
@@ -1950,12 +1968,12 @@ class SharedState:
 
 
 _SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
-_SHA: Final[Mapping[str, str]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
-    name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()})
+_SHA: Final[Mapping[str, bytes]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in _SCRIPTS.items()})
 
 
-def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
-    return [value for limit in limits for value in (limit.count, limit.window_s * 1000)]
+def _limit_args(limits: Sequence[RateLimit]) -> list[bytes]:
+    return [b"%d" % value for limit in limits for value in (limit.count, math.ceil(limit.window_s * 1000))]
 
 
 def _redis_where(url: str) -> str:
@@ -2003,8 +2021,7 @@ async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str
     benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
     answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
     if answer is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.admit(key.token, model, limits)
     wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
     gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
@@ -2027,8 +2044,7 @@ async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: st
                    shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
     position = await shared.acquire(candidates, found[1]) if order else -1
     if position is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.acquire_key(pool, model, tried)
     if position < 0:
         return None
@@ -3216,6 +3232,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    result = 0
     try:
         for slot in range(workers):
             children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
@@ -3224,8 +3241,13 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
             slot, born = children.pop(pid, (-1, 0.0))
             if slot < 0 or stopping:
                 continue
-            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
-                           os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            if code == STARTUP_FAILURE:  # its lifespan failed (stats file, models): a new one would fail alike
+                logger.error("worker %d (pid %d) could not start; stopping the others", slot, pid)
+                forward(signal.SIGTERM, None)
+                result = STARTUP_FAILURE
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid, code)
             if time.monotonic() - born < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
             if not stopping:
@@ -3234,7 +3256,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         serve.sock.close()
-    return 0
+    return result
 
 
 def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
@@ -3290,6 +3312,12 @@ def speedups() -> list[str]:
     return active
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="uni-api", description="One OpenAI-compatible endpoint for many LLMs.")
     parser.add_argument("--config", help="api.yaml path or http(s) URL (default: $CONFIG_URL, then ./api.yaml)")
@@ -3301,7 +3329,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
-    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+    parser.add_argument("--workers", type=_positive_int, default=os.environ.get("WORKERS") or "1",
                         help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
     parser.add_argument("--allow-unshared-state", action="store_true",
                         help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -272,6 +274,7 @@ def test_stats_answer_uni_apis_shape_for_admin_keys_only(
         "model_request_counts": [{"model": "gpt-4o", "count": 2}],
         "endpoint_request_counts": [{"endpoint": "POST /v1/chat/completions", "count": 2}],
         "ip_request_counts": [{"ip": "127.0.0.1", "count": 2}],
+        "instance": f"{socket.gethostname()}:{os.getpid()}",  # which instance answered (hostname:pid)
     }
     assert get(gw, "/v1/stats", hours="0").status_code == 400
 
