@@ -78,6 +78,7 @@ class Target:
     api_key: str = ""
     token: str | None = None  # a pre-resolved OAuth token, for adapters whose auth needs one
     now: float = 0.0  # wall-clock seconds, for request signing; adapters never read the clock
+    betas: tuple[str, ...] = ()  # the client's `anthropic-beta` flags; Claude engines pass on those they take
 
 
 @dataclass(frozen=True, slots=True)
@@ -811,6 +812,11 @@ def _claude_root(base_url: str) -> str:
     return root if root.endswith("/v1") else root + "/v1"
 
 
+def parse_betas(header: str | None) -> tuple[str, ...]:
+    """An `anthropic-beta` header ("Beta headers": comma-separated feature names) as its distinct names."""
+    return tuple(dict.fromkeys(name.strip() for name in (header or "").split(",") if name.strip()))
+
+
 class ClaudeAdapter(Adapter):
     """Anthropic Messages API; vertex-claude and aws inherit the conversion and change the envelope only."""
 
@@ -825,6 +831,8 @@ class ClaudeAdapter(Adapter):
 
     def headers(self, target: Target) -> dict[str, str]:
         headers = {"x-api-key": target.api_key, "anthropic-version": ANTHROPIC_VERSION}
+        if target.betas:  # "Beta headers": the client's flags go on as one comma-separated header
+            headers["anthropic-beta"] = ",".join(target.betas)
         headers.update(target.provider.headers)
         return headers
 
@@ -1032,6 +1040,10 @@ async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEven
             raise _bedrock_stream_error(headers, payload)
 
 
+# Flags naming the client (Claude Code) or its claude.ai sign-in: features of Anthropic's own API that Bedrock's
+# SigV4 path has no use for, so they are not passed on as anthropic_beta.
+_BEDROCK_SKIPPED_BETAS: Final = frozenset({"claude-code-20250219", "oauth-2025-04-20"})
+
 # Stream framing by Adapter.stream_format: server-sent events, or AWS event-stream messages (Bedrock).
 FRAMERS: Final[Mapping[StreamFormat, Callable[[AsyncIterator[bytes]], AsyncIterator[SSEEvent]]]] = MappingProxyType(
     {"sse": iter_sse, "aws": iter_aws_events}
@@ -1075,6 +1087,9 @@ class BedrockAdapter(ClaudeAdapter):
 
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
+        betas = [*(request.get("anthropic_beta") or ()), *(b for b in target.betas if b not in _BEDROCK_SKIPPED_BETAS)]
+        if betas:  # "Request and Response": betas ride in the body, as `anthropic_beta`, the headers being signed
+            request["anthropic_beta"] = list(dict.fromkeys(betas))
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
 
     def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
@@ -2423,7 +2438,6 @@ class MessagesAdapter(ClaudeAdapter):
     """A Messages API body sent as it came: only the engine's envelope changes (the model, or for Vertex and
     Bedrock anthropic_version in its place). The variants below inherit it."""
 
-    client_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)  # forwarded from the client
     counts_tokens: ClassVar[bool] = True
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
@@ -2438,13 +2452,11 @@ class MessagesAdapter(ClaudeAdapter):
 
 
 class VertexMessagesAdapter(MessagesAdapter, VertexClaudeAdapter):
-    client_headers = ()
-    counts_tokens = False
+    counts_tokens = False  # and no anthropic-beta: VertexClaudeAdapter.headers leaves Target.betas out
 
 
 class BedrockMessagesAdapter(MessagesAdapter, BedrockAdapter):
-    client_headers = ()  # headers are signed; Bedrock takes betas in the body (anthropic_beta)
-    counts_tokens = False
+    counts_tokens = False  # Target.betas go in the body, as anthropic_beta (BedrockAdapter.envelope)
 
 
 MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(

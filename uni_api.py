@@ -1494,14 +1494,15 @@ def _json_response(body: bytes, status: int = 200) -> Response:
 
 
 def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
-                relay: Relay | None = None) -> Send:
+                relay: Relay | None = None, client_headers: Mapping[str, str] | None = None) -> Send:
     """Send one chat attempt; streams commit only after the first converted chunk arrived.
 
     Streams always ask the adapter (and the upstream, where the engine can) for usage, for the statistics;
     the usage chunk is dropped again when the client did not ask for it. `relay` writes the committed stream
-    (default: OpenAI's SSE).
+    (default: OpenAI's SSE). Of `client_headers`, anthropic-beta reaches the Claude channels that take it.
     """
     relay = relay or _relay
+    betas = adapters.parse_betas((client_headers or {}).get("anthropic-beta"))
     triggers = gw.config.error_triggers
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -1509,6 +1510,7 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: Reques
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         policy = gw.config.policies[channel.provider]
+        target = replace(target, betas=betas) if betas else target
         if adapter.inline_images and not inlined:
             inlined.append(await inline_images(gw.session, body))
         request = adapter.build_request(inlined[0] if adapter.inline_images else body, target)
@@ -1914,12 +1916,13 @@ async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
 
 
 async def chat_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                    record: RequestRecord | None = None) -> Response:
+                    record: RequestRecord | None = None, client_headers: Mapping[str, str] | None = None) -> Response:
     """Admission, then moderation when the key has it on, then the chat attempts."""
     channels = admit(gw, key, model)
     if key.moderation:
         await moderate(gw, key, body)
-    return await failover(gw, key, model, channels, chat_sender(gw, body, model, record), record)
+    send = chat_sender(gw, body, model, record, client_headers=client_headers)
+    return await failover(gw, key, model, channels, send, record)
 
 
 # --- Routes ---
@@ -1935,7 +1938,8 @@ async def chat_completions(request: Request) -> Response:
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
     model = validate_chat(body)
-    return await until_disconnect(request, chat_flow(gw, key, model, body, _track(request, key, model)))
+    return await until_disconnect(request, chat_flow(gw, key, model, body, _track(request, key, model),
+                                                     request.headers))
 
 
 def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
@@ -2146,14 +2150,13 @@ def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_
                        record: RequestRecord | None = None) -> Send:
     """One attempt on a Messages-speaking channel: the body as sent and the answer as received, but for the model
     name; a stream commits after the first upstream event (an error event there fails the attempt). The usage
-    the answer reports goes on `record`."""
+    the answer reports goes on `record`. The client's anthropic-beta flags go to the channels that take them."""
     triggers = gw.config.error_triggers
+    betas = adapters.parse_betas(client_headers.get("anthropic-beta"))
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
-        request = native.build_request(body, target)
-        forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
-        request = replace(request, headers={**request.headers, **forwarded})
+        request = native.build_request(body, replace(target, betas=betas))
         response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
         try:
             await _check_status(response, native, timeout)
