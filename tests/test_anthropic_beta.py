@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import FakeUpstream, GatewayServer, Reply, bedrock_provider, rsa_pem, vertex_claude_provider
 
 import adapters
 
@@ -33,28 +32,16 @@ def claude(upstream: FakeUpstream) -> dict[str, Any]:
 
 
 def bedrock(upstream: FakeUpstream) -> dict[str, Any]:
-    return {"provider": "br", "base_url": upstream.url, "engine": "aws", "aws_access_key": "AKIDEXAMPLE",
-            "aws_secret_key": "secret", "region": "us-west-2",
-            "model": [{"anthropic.claude-sonnet-4-5-20250929-v1:0": "sonnet"}]}
-
-
-def vertex(upstream: FakeUpstream, pem: str) -> dict[str, Any]:
-    return {"provider": "vx", "base_url": upstream.url, "engine": "vertex-claude", "project_id": "p",
-            "region": "us-east5", "client_email": "gw@p.iam.gserviceaccount.com", "private_key": pem,
-            "token_uri": f"{upstream.url}/token", "model": [{"claude-sonnet-4-5@20250929": "sonnet"}]}
+    return bedrock_provider(upstream.url, "anthropic.claude-sonnet-4-5-20250929-v1:0", "sonnet")
 
 
 def start(make_gateway: Any, provider: dict[str, Any]) -> GatewayServer:
     return make_gateway({"providers": [provider], "api_keys": [{"api": "sk-client"}]})  # type: ignore[no-any-return]
 
 
-def messages_client(gateway: GatewayServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key="sk-client", max_retries=0)
-
-
 def ask_messages(gateway: GatewayServer) -> None:
     """Claude Code's way: the SDK's beta namespace sends the flags as one anthropic-beta header."""
-    message = messages_client(gateway).beta.messages.create(model="sonnet", max_tokens=64, messages=HI,
+    message = gateway.anthropic().beta.messages.create(model="sonnet", max_tokens=64, messages=HI,
                                                             betas=list(CLAUDE_CODE_BETAS))
     assert message.content[0].text == "Hi! My name is Claude."  # type: ignore[union-attr]
 
@@ -63,15 +50,6 @@ def ask_chat(gateway: GatewayServer) -> None:
     answer = gateway.client("sk-client").chat.completions.create(
         model="sonnet", messages=HI, extra_headers={"anthropic-beta": HEADER})  # type: ignore[arg-type]
     assert answer.choices[0].message.content == "Hi! My name is Claude."
-
-
-@pytest.fixture
-def pem() -> str:
-    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
-    from cryptography.hazmat.primitives import serialization
-
-    return rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(  # type: ignore[no-any-return]
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
 
 
 def test_the_header_is_split_into_distinct_flags() -> None:
@@ -104,18 +82,17 @@ def test_bedrock_keeps_anthropic_beta_a_messages_client_put_in_the_body(upstream
                                                                         make_gateway: Any) -> None:
     upstream.enqueue(Reply(body=ANSWER))
     gateway = start(make_gateway, bedrock(upstream))
-    messages_client(gateway).beta.messages.create(model="sonnet", max_tokens=64, messages=HI,
+    gateway.anthropic().beta.messages.create(model="sonnet", max_tokens=64, messages=HI,
                                                   betas=["interleaved-thinking-2025-05-14"],
                                                   extra_body={"anthropic_beta": ["context-1m-2025-08-07"]})
     assert upstream.received[0].json["anthropic_beta"] == ["context-1m-2025-08-07", "interleaved-thinking-2025-05-14"]
 
 
 @pytest.mark.parametrize("ask", [ask_messages, ask_chat], ids=["messages passthrough", "chat converted"])
-def test_vertex_claude_leaves_the_flags_out_and_answers(upstream: FakeUpstream, make_gateway: Any, pem: str,
-                                                        ask: Any) -> None:
+def test_vertex_claude_leaves_the_flags_out_and_answers(upstream: FakeUpstream, make_gateway: Any, ask: Any) -> None:
     upstream.enqueue(Reply(json={"access_token": "ya29.token", "expires_in": 3599}))
     upstream.enqueue(Reply(body=ANSWER))
-    ask(start(make_gateway, vertex(upstream, pem)))
+    ask(start(make_gateway, vertex_claude_provider(upstream.url, rsa_pem(), "claude-sonnet-4-5@20250929", "sonnet")))
     call = upstream.received[1]
     assert call.path.endswith(":rawPredict") and call.headers["Authorization"] == "Bearer ya29.token"
     assert "anthropic-beta" not in call.headers and "anthropic_beta" not in call.json

@@ -13,9 +13,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply, completion, simple_config
+from conftest import (
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    bedrock_provider,
+    completion,
+    rsa_pem,
+    simple_config,
+    vertex_claude_provider,
+)
 from test_adapters_aws import chunk_frame
 
 import adapters
@@ -60,10 +68,9 @@ def claude_provider(upstream: FakeUpstream, engine: str = "claude", **prefs: Any
     entries = {
         "claude": {"base_url": f"{upstream.url}/v1/messages", "api": "sk-ant-secret",
                    "model": [{"claude-sonnet-4-5-20250929": "sonnet"}]},
-        "aws": {"base_url": upstream.url, "aws_access_key": "AKIDEXAMPLE", "aws_secret_key": "secret",
-                "region": "us-west-2", "model": [{"anthropic.claude-sonnet-4-5-20250929-v1:0": "sonnet"}]},
+        "aws": bedrock_provider(upstream.url, "anthropic.claude-sonnet-4-5-20250929-v1:0", "sonnet"),
     }
-    return {"provider": engine, "engine": engine, **entries[engine], **({"preferences": prefs} if prefs else {})}
+    return {**entries[engine], "provider": engine, "engine": engine, **({"preferences": prefs} if prefs else {})}
 
 
 def start(make_gateway: Any, providers: list[dict[str, Any]], db: Path, **global_prefs: Any) -> GatewayServer:
@@ -114,14 +121,7 @@ def test_chat_breakpoints_on_messages_parts_and_tools_reach_claude(upstream: Fak
 
 
 def test_chat_breakpoints_reach_claude_on_vertex(upstream: FakeUpstream, make_gateway: Any, tmp_path: Path) -> None:
-    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
-    from cryptography.hazmat.primitives import serialization
-
-    pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
-    vertex = {"provider": "vx", "base_url": upstream.url, "engine": "vertex-claude", "project_id": "p",
-              "region": "us-east5", "client_email": "gw@p.iam.gserviceaccount.com", "private_key": pem,
-              "token_uri": f"{upstream.url}/token", "model": [{"claude-sonnet-4-5@20250929": "sonnet"}]}
+    vertex = vertex_claude_provider(upstream.url, rsa_pem(), "claude-sonnet-4-5@20250929", "sonnet")
     upstream.enqueue(Reply(json={"access_token": "ya29.token", "expires_in": 3599}))
     upstream.enqueue(Reply(body=claude_answer()))
     gateway = start(make_gateway, [vertex], tmp_path / "stats.db")
@@ -161,10 +161,6 @@ def test_chat_stream_usage_chunk_carries_the_cache_counts(upstream: FakeUpstream
     assert (totals["total_cached_tokens"], totals["total_cache_creation_tokens"]) == (50, 100)
 
 
-def messages_client(gateway: GatewayServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key=KEY, max_retries=0)
-
-
 MESSAGES_REQUEST: dict[str, Any] = {
     "model": "sonnet", "max_tokens": 64,
     "system": [{"type": "text", "text": "You are terse.", "cache_control": EPHEMERAL}],
@@ -179,7 +175,7 @@ def test_messages_breakpoints_pass_through_and_usage_comes_back_as_sent(upstream
                                                                        tmp_path: Path, engine: str) -> None:
     upstream.enqueue(Reply(body=claude_answer()))
     gateway = start(make_gateway, [claude_provider(upstream, engine)], tmp_path / "stats.db")
-    message = messages_client(gateway).messages.create(**MESSAGES_REQUEST)
+    message = gateway.anthropic(KEY).messages.create(**MESSAGES_REQUEST)
     sent = upstream.received[0].json
     assert breakpoints(sent) == ["tools[0]", "system[0]", "messages[0].content[0]"]
     assert sent["messages"] == MESSAGES_REQUEST["messages"] and sent["tools"] == MESSAGES_REQUEST["tools"]
@@ -195,7 +191,7 @@ def test_messages_stream_from_bedrock_reports_and_counts_the_cache(upstream: Fak
     upstream.enqueue(Reply(raw_chunks=[chunk_frame(e) for e in claude_stream()],
                            content_type="application/vnd.amazon.eventstream"))
     gateway = start(make_gateway, [claude_provider(upstream, "aws")], tmp_path / "stats.db")
-    with messages_client(gateway).messages.stream(**MESSAGES_REQUEST) as stream:
+    with gateway.anthropic(KEY).messages.stream(**MESSAGES_REQUEST) as stream:
         message = stream.get_final_message()
     assert (message.usage.cache_creation_input_tokens, message.usage.cache_read_input_tokens) == (100, 50)
     assert breakpoints(upstream.received[0].json) == ["tools[0]", "system[0]", "messages[0].content[0]"]
@@ -210,7 +206,7 @@ def test_messages_answered_by_an_openai_channel_show_its_cached_tokens(upstream:
     upstream.enqueue(json=completion("ok", usage=usage))
     config = simple_config(upstream, models=[{"gpt-4o": "sonnet"}])
     gateway = start(make_gateway, config["providers"], tmp_path / "stats.db")
-    message = messages_client(gateway).messages.create(**{**MESSAGES_REQUEST, "tools": []})
+    message = gateway.anthropic(KEY).messages.create(**{**MESSAGES_REQUEST, "tools": []})
     assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (26, 64)
     assert message.usage.cache_creation_input_tokens == 0
     assert token_usage(gateway)[0]["total_cached_tokens"] == 64
