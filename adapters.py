@@ -631,7 +631,7 @@ CACHE_BREAKPOINT: Final[Mapping[str, str]] = MappingProxyType({"type": "ephemera
 
 
 def _cache_last(blocks: list[dict[str, Any]], cache_control: Any) -> list[dict[str, Any]]:
-    """`blocks`, the last that may carry a breakpoint given `cache_control` (a message's, when it has one)."""
+    """Put `cache_control` (a whole message's, when it has one) on the last of `blocks` that may carry it."""
     cacheable = [block for block in blocks if block.get("type") not in _UNCACHEABLE]
     if isinstance(cache_control, Mapping) and cacheable and "cache_control" not in cacheable[-1]:
         cacheable[-1]["cache_control"] = dict(cache_control)
