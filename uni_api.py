@@ -375,12 +375,14 @@ _PROVIDER_KEYS: Final = ("provider", "base_url", "api", "model", "tools", "engin
 _PROVIDER_EXTRA: Final = ("project_id", "private_key", "client_email", "region", "token_uri", "cf_account_id",
                           "aws_access_key", "aws_secret_key", "api_version")
 _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_key_schedule_algorithm",
-                          "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides")
+                          "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides",
+                          "prompt_cache")
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
 _STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
-                        "max_body_size", "request_timeout")
+                        "max_body_size", "request_timeout", "prompt_cache")
+PROMPT_CACHE_MODES: Final = ("off", "auto")  # auto: cache breakpoints added for Claude channels (adapters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +391,7 @@ class _Globals:
     cooldown_s: float
     rate_limits: ModelTable[tuple[RateLimit, ...]] | None
     proxy: str | None
+    prompt_cache: bool
 
 
 def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
@@ -408,7 +411,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
     glob = _Globals(_timeouts(prefs, "model_timeout"), _seconds(prefs, "cooldown_period", DEFAULT_COOLDOWN),
-                    _rate_table(prefs, "rate_limit"), _proxy(prefs, "proxy"))
+                    _rate_table(prefs, "rate_limit"), _proxy(prefs, "proxy"), _prompt_cache(prefs, False))
     providers: dict[str, Provider] = {}
     policies: dict[str, Policy] = {}
     for path, item, line in root.items("providers"):
@@ -528,6 +531,7 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         overrides=_overrides(prefs),
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
+        prompt_cache=_prompt_cache(prefs, glob.prompt_cache),
     )
     for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
         if not extra.get(required):
@@ -588,6 +592,14 @@ def _plain(value: Any) -> Any:
         if isinstance(value, kind):
             return kind(value)
     return value
+
+
+def _prompt_cache(node: _Node, default: bool) -> bool:
+    mode = node.get("prompt_cache", (str, bool))
+    mode = ("auto" if mode else "off") if isinstance(mode, bool) else mode  # true/false read as auto/off
+    if mode is not None and mode not in PROMPT_CACHE_MODES:
+        raise node.error(f"expected one of {', '.join(PROMPT_CACHE_MODES)}", "prompt_cache")
+    return default if mode is None else mode == "auto"
 
 
 def _seconds(node: _Node, key: str, default: float) -> float:
@@ -948,7 +960,8 @@ _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TRUE_WORDS: Final = ("1", "true", "yes", "on")
 
 # Each version's statements, applied in order from the file's PRAGMA user_version up, each in one transaction.
-# v1: requests and attempts; v2: request ids on both, a key fingerprint (for "own usage" queries) and cached tokens.
+# v1: requests and attempts; v2: request ids on both, a key fingerprint (for "own usage" queries) and cached tokens;
+# v3: tokens written to a prompt cache (Anthropic's cache_creation_input_tokens).
 _MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = MappingProxyType({
     1: ("CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,"
         " provider TEXT NOT NULL, upstream_model TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,"
@@ -963,6 +976,7 @@ _MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = MappingProxyType({
         "ALTER TABLE requests ADD COLUMN key_hash TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE attempts ADD COLUMN request_id TEXT NOT NULL DEFAULT ''"),
+    3: ("ALTER TABLE requests ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0",),
 })
 SCHEMA_VERSION: Final = max(_MIGRATIONS)
 
@@ -1006,6 +1020,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_creation_tokens: int = 0
     attempts: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # provider, model, key, status, ms
 
     def add_attempt(self, channel: Channel, index: int | None, status: int, ms: float) -> None:
@@ -1020,6 +1035,7 @@ class RequestRecord:
             self.completion_tokens = _count(usage.get("completion_tokens"))
             details = usage.get("prompt_tokens_details")
             self.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+            self.cache_creation_tokens = _count(usage.get("cache_creation_input_tokens"))
 
 
 def _count(value: Any) -> int:
@@ -1031,8 +1047,8 @@ def _record_rows(record: RequestRecord) -> tuple[tuple[Any, ...], list[tuple[Any
     label, key_hash = (key.label, _digest(key.token).hex()[:16]) if key else ("", "")
     request = (record.wall, label, key_hash, record.model[:200], record.provider, record.upstream_model[:200],
                record.endpoint[:200], record.status, record.total_ms, record.first_byte_ms, record.prompt_tokens,
-               record.completion_tokens, record.cached_tokens, len(record.attempts), record.client_ip,
-               record.request_id)
+               record.completion_tokens, record.cached_tokens, record.cache_creation_tokens, len(record.attempts),
+               record.client_ip, record.request_id)
     attempts = [(record.wall, p, m[:200], i, s, ms, record.request_id) for p, m, i, s, ms in record.attempts]
     return request, attempts
 
@@ -1066,7 +1082,8 @@ class StatsStore:
         with _transaction(self._writer) as db:
             db.executemany("INSERT INTO requests (time, key, key_hash, model, provider, upstream_model, endpoint,"
                            " status, total_ms, first_byte_ms, prompt_tokens, completion_tokens, cached_tokens,"
-                           " attempts, client_ip, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           " cache_creation_tokens, attempts, client_ip, request_id)"
+                           " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [request for request, _ in rows])
             db.executemany("INSERT INTO attempts (time, provider, model, key_index, status, ms, request_id)"
                            " VALUES (?,?,?,?,?,?,?)", [a for _, attempts in rows for a in attempts])
@@ -1322,11 +1339,13 @@ class Stats:
             params.append(model)
         rows = await self.query(
             "SELECT key, model, SUM(prompt_tokens) AS prompt, SUM(completion_tokens) AS completion,"
-            " SUM(cached_tokens) AS cached, COUNT(*) AS count FROM requests WHERE " + " AND ".join(where)
+            " SUM(cached_tokens) AS cached, SUM(cache_creation_tokens) AS written, COUNT(*) AS count"
+            " FROM requests WHERE " + " AND ".join(where)
             + " GROUP BY key_hash, key, model ORDER BY key, model", params)
         return [{"api_key_prefix": r["key"], "model": r["model"], "total_prompt_tokens": r["prompt"],
                  "total_completion_tokens": r["completion"], "total_tokens": r["prompt"] + r["completion"],
-                 "total_cached_tokens": r["cached"], "request_count": r["count"]} for r in rows]
+                 "total_cached_tokens": r["cached"], "total_cache_creation_tokens": r["written"],
+                 "request_count": r["count"]} for r in rows]
 
 
 def _rates(rows: Sequence[sqlite3.Row], names: Sequence[str]) -> list[dict[str, Any]]:
@@ -1539,14 +1558,16 @@ def _json_response(body: bytes, status: int = 200) -> Response:
 def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
                 record: RequestRecord | None = None) -> Sender:
     """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
-    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face."""
+    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face. Of
+    `client_headers`, anthropic-beta reaches the Claude channels that take it ("Beta headers")."""
     converted: list[Sender] = []
+    betas = adapters.parse_betas(client_headers.get("anthropic-beta"))
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        target = replace(target, betas=betas) if betas else target  # Claude engines pass on those they take
         native = face.native.get(channel.engine)
         if native is not None:
-            return await native_attempt(gw, face, native, body, model, client_headers, record, channel, target,
-                                        timeout)
+            return await native_attempt(gw, face, native, body, model, record, channel, target, timeout)
         if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
             converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
         return await converted[0](channel, adapter, target, timeout)
@@ -2544,13 +2565,9 @@ async def status_page(request: Request) -> Response:
 
 
 async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
-                         client_headers: Mapping[str, str], record: RequestRecord | None, channel: Channel,
-                         target: Target, timeout: float) -> Response:
+                         record: RequestRecord | None, channel: Channel, target: Target, timeout: float) -> Response:
     triggers = gw.config.error_triggers
     request = native.build_request(body, target)
-    forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
-    if forwarded:
-        request = replace(request, headers={**request.headers, **forwarded})
     response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
     try:
         await _check_status(response, native, timeout)

@@ -226,7 +226,7 @@ def test_version_1_database_is_upgraded_in_place(upstream: FakeUpstream, make_ga
         connection.executescript(V1_SCHEMA)
     _insert_request(db, time.time() - 60, "from-v1")
     gw = start(make_gateway, config(upstream), db)
-    assert rows(db, "PRAGMA user_version")[0][0] == uni_api.SCHEMA_VERSION == 2
+    assert rows(db, "PRAGMA user_version")[0][0] == uni_api.SCHEMA_VERSION == 3
     assert chat(gw, USER_KEY).status_code == 200
     flush(gw)
     found = rows(db, "SELECT model, request_id, key_hash, cached_tokens FROM requests ORDER BY id")
