@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -174,3 +175,25 @@ def test_gateways_with_different_prefixes_on_one_redis_keep_their_limits_apart(
             answered.append([client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)])
     assert answered == [[200, 200], [200, 200], [429, 429]]  # the second team-a gateway finds team-a's window full
     assert {name.split(":")[0] for name in redis_server.stored()} == {"{team-a}", "{team-b}"}
+
+
+def test_a_redis_that_stops_answering_holds_no_request_longer_than_the_timeout(
+        upstream: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    config = shared_config(redis_server, upstream, rate_limit="3/min")
+    with gateway_process(config, tmp_path) as gateway:
+        assert chat(gateway).status_code == 200
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)  # connected, but silent: only the timeout can tell
+        try:
+            started = time.monotonic()
+            assert chat(gateway).status_code == 200  # on_error open: decided here
+            assert time.monotonic() - started < 2
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        time.sleep(1.2)  # Redis is left alone for a second after a failure, then asked again
+        statuses = [chat(gateway).status_code for _ in range(3)]
+        assert "Redis answers again" in gateway.log()
+    # Redis's window holds the first request, and the second too if Redis ran the command it had received
+    # before it stopped; either way the limit of 3 holds from there, and the connection that timed out was
+    # dropped rather than reused, so no late reply is read as another request's.
+    assert statuses in ([200, 200, 429], [200, 429, 429])
