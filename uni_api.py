@@ -1898,8 +1898,12 @@ class SharedState:
     async def clear(self, name: bytes) -> None:
         await self._call("DEL", name)
 
-    async def ping(self) -> bool:
-        return await self._call("PING") is not None
+    async def start(self) -> bool:
+        """Load the scripts (so the first requests need one round trip, not five); False when Redis is down."""
+        for text in _SCRIPTS.values():
+            if await self._call(b"SCRIPT", b"LOAD", text) is None:
+                return False
+        return True
 
     def refuse_when_closed(self) -> None:
         """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
@@ -3021,7 +3025,7 @@ async def start_shared_state(options: StateOptions | None) -> SharedState | None
     if options is None:
         return None
     shared = SharedState(options)
-    if await shared.ping():
+    if await shared.start():
         logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
                     options.prefix, options.on_error)
     return shared

@@ -39,7 +39,10 @@ def eventually(check: Callable[[], T], timeout: float = 5.0) -> T:
 
 
 def write(path: Path, config: dict[str, Any] | str) -> None:
-    path.write_text(config if isinstance(config, str) else to_yaml(config))
+    """Replace the file in one step, as editors do: written in place, a 20 ms poll can catch it empty."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(config if isinstance(config, str) else to_yaml(config))
+    os.replace(temporary, path)
 
 
 def model_ids(http: httpx.Client) -> list[str]:

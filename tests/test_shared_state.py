@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,10 +22,12 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 CLIENT = {"Authorization": "Bearer sk-client"}
 
 
-def shared_config(redis: RedisServer, *upstreams: FakeUpstream, on_error: str = "open",
+def shared_config(redis: RedisServer, *upstreams: FakeUpstream, on_error: str = "open", timeout: float = 2.0,
                   **key_prefs: Any) -> dict[str, Any]:
+    """`timeout` is long by default: on a loaded machine a live Redis may take longer than 0.25 s to answer, and
+    these tests are about sharing; a dead Redis refuses connections at once whatever the timeout."""
     config = simple_config(*upstreams, **key_prefs)
-    config["state"] = {"redis_url": redis.url, "prefix": "test", "on_error": on_error}
+    config["state"] = {"redis_url": redis.url, "prefix": "test", "on_error": on_error, "timeout": timeout}
     config["api_keys"][0]["role"] = "admin"  # /status, /metrics and /v1/stats too
     return config
 
@@ -174,3 +177,26 @@ def test_gateways_with_different_prefixes_on_one_redis_keep_their_limits_apart(
             answered.append([client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)])
     assert answered == [[200, 200], [200, 200], [429, 429]]  # the second team-a gateway finds team-a's window full
     assert {name.split(":")[0] for name in redis_server.stored()} == {"{team-a}", "{team-b}"}
+
+
+def test_a_redis_that_stops_answering_holds_no_request_longer_than_the_timeout(
+        upstream: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
+    config = shared_config(redis_server, upstream, rate_limit="3/min", timeout=0.5)
+    with gateway_process(config, tmp_path) as gateway:
+        assert chat(gateway).status_code == 200
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)  # connected, but silent: only the timeout can tell
+        try:
+            started = time.monotonic()
+            assert chat(gateway).status_code == 200  # on_error open: decided here
+            assert time.monotonic() - started < 2
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        time.sleep(1.2)  # Redis is left alone for a second after a failure, then asked again
+        statuses = [chat(gateway).status_code for _ in range(4)]
+        assert "Redis answers again" in gateway.log()
+    # Redis's window holds at most the two requests before (the second if Redis ran the command it had received
+    # before it stopped), so the fourth at the latest is refused: the limit of 3 holds there again. The
+    # connection that timed out was dropped rather than reused: a late reply read as another request's would
+    # have been a 500.
+    assert set(statuses) <= {200, 429} and statuses[-1] == 429, statuses

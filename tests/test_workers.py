@@ -26,7 +26,7 @@ CLIENT = {"Authorization": "Bearer sk-client"}
 def worker_config(redis: RedisServer, upstream: FakeUpstream, **key_prefs: Any) -> dict[str, Any]:
     config = simple_config(upstream, models=["gpt-4o", "slow-stream"], **key_prefs)
     config["api_keys"][0]["role"] = "admin"
-    config["state"] = {"redis_url": redis.url, "prefix": "workers"}
+    config["state"] = {"redis_url": redis.url, "prefix": "workers", "timeout": 2.0}  # a loaded machine is slow
     return config
 
 
