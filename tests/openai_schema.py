@@ -14,7 +14,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml"
+# The repository's sibling `shared/` (a checkout at /work/main or a worktree further down finds the first one up).
+SPEC_PATH = next((parent / "shared" / "openai-openapi" / "openapi.yaml" for parent in Path(__file__).resolve().parents
+                  if (parent / "shared" / "openai-openapi" / "openapi.yaml").is_file()),
+                 Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml")
 
 
 def _nullable_to_union(node: Any) -> Any:
