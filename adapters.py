@@ -2888,7 +2888,8 @@ def build_response(body: Mapping[str, Any], model: str, response_id: str, create
         "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
         "tool_choice": body.get("tool_choice") or "auto", "tools": [_echo_tool(t) for t in body.get("tools") or ()],
         "top_logprobs": body.get("top_logprobs") or 0, "truncation": body.get("truncation") or "disabled",
-        "usage": None, "user": body.get("user"), "metadata": body.get("metadata") or {}, **extra,
+        "metadata": body.get("metadata") or {},
+        **({"user": body["user"]} if body.get("user") else {}), **extra,  # Response.user is a string, never null
     }
 
 
@@ -2906,7 +2907,7 @@ def _finished(response: dict[str, Any], finish: Any, usage: Any) -> dict[str, An
 def _reasoning_item(text: str, blocks: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     item: dict[str, Any] = {"id": new_id("rs_"), "type": "reasoning", "summary": []}
     if text:
-        item[_PARTS[kind].field].append({"type": kind, "text": text})
+        item.setdefault(_PARTS[kind].field, []).append({"type": kind, "text": text})
     if blocks:  # "encrypted_content ... populated by default for reasoning items returned by POST /v1/responses"
         item["encrypted_content"] = encode_reasoning(blocks)
     return item
@@ -3147,8 +3148,9 @@ class _ResponsesStream(FaceStream):
         frames = self.start(0) if self.response is None else []
         assert self.response is not None
         frames += self.close("incomplete")
-        self.response.update(status="failed", usage=to_responses_usage(self.usage) if self.usage else None,
-                             error={"code": _RESPONSES_FAILURES.get(status, "server_error"), "message": message})
+        self.response.update(status="failed", error={"code": _RESPONSES_FAILURES.get(status, "server_error"),
+                                                     "message": message})
+        self.response.update({"usage": to_responses_usage(self.usage)} if self.usage else {})
         return [*frames, self.emit("response.failed", response=self.response)]
 
 
@@ -3156,8 +3158,10 @@ class _ResponsesStream(FaceStream):
 
 
 def _native_failure(data: Mapping[str, Any]) -> UpstreamError:
-    error = data.get("error") or _dig(data, "response.error") or {}
-    status = data.get("status") if isinstance(data.get("status"), int) else 502
+    """An `error` event (ResponseErrorEvent: code and message on the event) or a response.failed one."""
+    error = _dig(data, "response.error") or data.get("error") or data
+    code = error.get("code") if isinstance(error, Mapping) else None
+    status = {name: status for status, name in _RESPONSES_FAILURES.items()}.get(code, 502)
     return UpstreamError(status, _first_text(error) or "upstream stream error")
 
 

@@ -97,3 +97,20 @@ def accumulate_stream(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
     return {"message": message, "finish_reason": finish, "usage": usage}
+
+
+@functools.lru_cache(maxsize=1)
+def _event_schemas() -> dict[str, str]:
+    """Streaming event type -> the ResponseStreamEvent member schema that defines it."""
+    schemas = _components()["schemas"]
+    names = [ref["$ref"].rsplit("/", 1)[-1] for ref in schemas["ResponseStreamEvent"]["anyOf"]]
+    return {schemas[name]["properties"]["type"]["enum"][0]: name for name in names}
+
+
+def validate_response_event(event: dict[str, Any]) -> None:
+    """Validate one Responses streaming event against the schema its `type` names."""
+    validate(event, _event_schemas()[event["type"]])
+
+
+def validate_response(obj: Any) -> None:
+    validate(obj, "Response")
