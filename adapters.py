@@ -3030,6 +3030,7 @@ class _ResponsesStream(FaceStream):
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # chat tool_calls index -> function_call item
     finish: Any = None
     usage: Any = None
+    on_answer: Callable[[dict[str, Any]], None] | None = None  # sees the final response of a stream that completed
 
     def emit(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, **fields, "sequence_number": self.sequence}
@@ -3142,6 +3143,8 @@ class _ResponsesStream(FaceStream):
         status = _RESPONSES_FINISH.get(self.finish or "", ("completed", None))[0]
         frames += self.close(status)
         response = _finished(self.response, self.finish, self.usage)
+        if self.on_answer is not None:
+            self.on_answer(response)
         return [*frames, self.emit(f"response.{response['status']}", response=response)]
 
     def fail(self, message: str, status: int) -> list[bytes]:
@@ -3170,6 +3173,7 @@ class _ResponsesNative(NativeStream):
     """A Responses-native upstream's events relayed with the client's model name; usage from the terminal event."""
 
     model: str
+    on_answer: Callable[[dict[str, Any]], None] | None = None
     usage: dict[str, Any] | None = None
     done: bool = False
     started: bool = False
@@ -3189,6 +3193,8 @@ class _ResponsesNative(NativeStream):
             self.response = response
             if kind in _RESPONSES_TERMINAL:
                 self.done, self.usage = True, from_responses_usage(response.get("usage"))
+                if self.on_answer is not None and kind != "response.failed":
+                    self.on_answer(response)
         return responses_frame({**data, "type": kind})
 
     def fail(self, message: str, status: int) -> list[bytes]:
@@ -3201,10 +3207,28 @@ class _ResponsesNative(NativeStream):
 
 
 class ResponsesFace(Face):
-    """OpenAI's Responses API (POST /v1/responses); errors in OpenAI's envelope."""
+    """OpenAI's Responses API (POST /v1/responses); errors in OpenAI's envelope. `on_answer` sees every finished
+    response object (converted or native, whole or streamed): the gateway stores them for previous_response_id."""
 
     name = "responses"
     native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})  # the Responses-native engine registers here
+
+    def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_answer = on_answer
+
+    def answered(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.on_answer is not None:
+            self.on_answer(response)
+        return response
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The last user message's text (what moderation checks)."""
+        for item in reversed(responses_input(body)):
+            if item.get("role") == "user" and (item.get("type") or "message") == "message":
+                content = item.get("content")
+                return content if isinstance(content, str) else "\n".join(
+                    str(part.get("text") or "") for part in content or () if part.get("type") == "input_text")
+        return ""
 
     def validate(self, body: Mapping[str, Any]) -> str:
         if not isinstance(body, Mapping):
@@ -3222,10 +3246,10 @@ class ResponsesFace(Face):
         return to_chat_request(body)
 
     def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
-        return from_chat_completion(completion, body, model)
+        return self.answered(from_chat_completion(completion, body, model))
 
     def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
-        return _ResponsesStream(body, model)
+        return _ResponsesStream(body, model, on_answer=self.on_answer)
 
     def error_body(self, message: str, status: int, type_: str, code: str | None,
                    param: str | None = None) -> dict[str, Any]:
@@ -3239,10 +3263,12 @@ class ResponsesFace(Face):
         if not isinstance(answer, dict):
             return raw, None
         answer["model"] = model
+        if answer.get("object") == "response" and answer.get("id"):
+            self.answered(answer)
         return dumps(answer), from_responses_usage(answer.get("usage"))
 
     def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
-        return _ResponsesNative(model)
+        return _ResponsesNative(model, self.on_answer)
 
 # --- Engine inference ---
 

@@ -37,7 +37,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email.parser import BytesParser
@@ -197,6 +197,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """preferences.responses_store: how many stored responses (POST /v1/responses with store) are kept, in all
+    bytes and for how long; the oldest go first. In memory only: a restart forgets them."""
+
+    max_count: int = 1000
+    max_bytes: int = 64 * 1024 * 1024
+    max_age: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     providers: Mapping[str, Provider]
@@ -210,6 +220,7 @@ class Config:
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
+    responses_store: StoreLimits = StoreLimits()
 
 
 # --- Config parsing ---
@@ -357,7 +368,7 @@ _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
-                        "max_body_size", "request_timeout")
+                        "max_body_size", "request_timeout", "responses_store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +430,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
+        responses_store=_store_limits(prefs.mapping("responses_store")),
     )
     _check_moderation_rules(config, entries)
     return config
@@ -527,6 +539,17 @@ def _size(node: _Node, key: str, default: int) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise node.error("expected a size such as 32MiB or a number of bytes", key)
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _store_limits(node: _Node | None) -> StoreLimits:
+    if node is None:
+        return StoreLimits()
+    node.check_keys(("max_count", "max_bytes", "max_age"))
+    count = node.get("max_count", int, StoreLimits.max_count)
+    if count < 0:
+        raise node.error("expected a number of responses >= 0", "max_count")
+    return StoreLimits(count, _size(node, "max_bytes", StoreLimits.max_bytes),
+                       _seconds(node, "max_age", StoreLimits.max_age))
 
 
 def _proxy(node: _Node, key: str) -> str | None:
@@ -1280,6 +1303,63 @@ class AdminRequired(GatewayError):
 # --- Gateway state and transport ---
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    owner: bytes  # digest of the key that made it: only that key reads or deletes it
+    response: Mapping[str, Any]  # the response object as its client got it
+    items: tuple[Any, ...]  # its input (previous context included) and output items: what a chained request continues
+    size: int
+    stored_at: float
+
+
+class ResponseStore:
+    """Recent responses for previous_response_id and GET / DELETE /v1/responses/{id}, capped by StoreLimits
+    (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the current limits."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, owner: bytes, response: Mapping[str, Any], items: Sequence[Any], limits: StoreLimits) -> None:
+        size = len(adapters.dumps(response)) + len(adapters.dumps(list(items)))
+        self._pop(str(response["id"]))
+        if size > limits.max_bytes or not limits.max_count:
+            return
+        self._entries[str(response["id"])] = StoredResponse(owner, response, tuple(items), size, self._clock())
+        self._bytes += size
+        self._evict(limits)
+
+    def get(self, response_id: str, owner: bytes, limits: StoreLimits) -> StoredResponse | None:
+        self._evict(limits)
+        found = self._entries.get(response_id)
+        return found if found is not None and hmac.compare_digest(found.owner, owner) else None
+
+    def delete(self, response_id: str, owner: bytes, limits: StoreLimits) -> bool:
+        return self.get(response_id, owner, limits) is not None and self._pop(response_id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def _pop(self, response_id: str) -> bool:
+        gone = self._entries.pop(response_id, None)
+        self._bytes -= gone.size if gone else 0
+        return gone is not None
+
+    def _evict(self, limits: StoreLimits) -> None:
+        oldest = self._clock() - limits.max_age
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if (len(self._entries) <= limits.max_count and self._bytes <= limits.max_bytes
+                    and first.stored_at > oldest):
+                return
+            self._pop(next(iter(self._entries)))
+
+
 @dataclass(slots=True)
 class Gateway:
     """Per-app runtime state, owned by the lifespan.
@@ -1299,6 +1379,7 @@ class Gateway:
     recent: AttemptStats = field(default_factory=lambda: AttemptStats())
     loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
     stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored responses, kept across reloads
 
 
 _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
