@@ -545,11 +545,11 @@ def _store_limits(node: _Node | None) -> StoreLimits:
     if node is None:
         return StoreLimits()
     node.check_keys(("max_count", "max_bytes", "max_age"))
-    count = node.get("max_count", int, StoreLimits.max_count)
+    default = StoreLimits()
+    count = node.get("max_count", int, default.max_count)
     if count < 0:
         raise node.error("expected a number of responses >= 0", "max_count")
-    return StoreLimits(count, _size(node, "max_bytes", StoreLimits.max_bytes),
-                       _seconds(node, "max_age", StoreLimits.max_age))
+    return StoreLimits(count, _size(node, "max_bytes", default.max_bytes), _seconds(node, "max_age", default.max_age))
 
 
 def _proxy(node: _Node, key: str) -> str | None:
