@@ -3025,7 +3025,10 @@ class _ResponsesStream(FaceStream):
     response: dict[str, Any] | None = None  # the response being built; its output holds every item so far
     sequence: int = 0
     item: dict[str, Any] | None = None  # the open item
+    positions: dict[str, int] = field(default_factory=dict)  # item id -> output_index
     part: str | None = None  # the open part's type
+    where: dict[str, Any] = field(default_factory=dict)  # item_id, output_index and index of the open part
+    pieces: list[str] = field(default_factory=list)  # the open part's text so far, joined when it closes
     blocks: list[dict[str, Any]] = field(default_factory=list)  # signed thinking of the open reasoning item
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # chat tool_calls index -> function_call item
     finish: Any = None
@@ -3063,42 +3066,42 @@ class _ResponsesStream(FaceStream):
         return frames
 
     def index(self, item: Mapping[str, Any]) -> int:
-        assert self.response is not None
-        return next(i for i, seen in enumerate(self.response["output"]) if seen is item)
+        return self.positions[item["id"]]
 
     def open(self, item: dict[str, Any]) -> list[bytes]:
         assert self.response is not None
         frames = self.close()
-        self.item = item
+        self.item, self.positions[item["id"]] = item, len(self.response["output"])
         self.response["output"].append(item)
         return [*frames, self.emit("response.output_item.added", output_index=self.index(item), item=item)]
 
     def text(self, kind: str, text: str) -> list[bytes]:
         spec = _PARTS[kind]
-        frames = [] if self.item is not None and self.item["type"] == _PART_ITEMS[kind] else self.open(
+        frames: list[bytes] = []
+        if self.part != kind:
+            frames = self.open_part(kind)
+        self.pieces.append(text)
+        return [*frames, self.emit(spec.delta, **self.where, delta=text, **spec.extra)]
+
+    def open_part(self, kind: str) -> list[bytes]:
+        spec = _PARTS[kind]
+        frames = self.close_part() if self.item is not None and self.item["type"] == _PART_ITEMS[kind] else self.open(
             _new_item(_PART_ITEMS[kind]))
         assert self.item is not None
-        where = {"item_id": self.item["id"], "output_index": self.index(self.item)}
-        if self.part != kind:
-            frames += self.close_part()
-            self.item.setdefault(spec.field, []).append(dict(_EMPTY_PARTS[kind]))
-            self.part = kind
-            frames.append(self.emit(spec.added, **where, **{spec.index: len(self.item[spec.field]) - 1},
-                                    part=self.item[spec.field][-1]))
-        part = self.item[spec.field][-1]
-        part[spec.text] += text
-        return [*frames, self.emit(spec.delta, **where, **{spec.index: len(self.item[spec.field]) - 1},
-                                   delta=text, **spec.extra)]
+        parts = self.item.setdefault(spec.field, [])
+        parts.append(dict(_EMPTY_PARTS[kind]))
+        self.part, self.pieces = kind, []
+        self.where = {"item_id": self.item["id"], "output_index": self.index(self.item), spec.index: len(parts) - 1}
+        return [*frames, self.emit(spec.added, **self.where, part=parts[-1])]
 
     def close_part(self) -> list[bytes]:
         if self.part is None or self.item is None:
             return []
         spec, self.part = _PARTS[self.part], None
-        where = {"item_id": self.item["id"], "output_index": self.index(self.item),
-                 spec.index: len(self.item[spec.field]) - 1}
         part = self.item[spec.field][-1]
-        return [self.emit(spec.done, **where, **{spec.text: part[spec.text]}, **spec.extra),
-                self.emit(spec.closed, **where, part=part)]
+        part[spec.text] = "".join(self.pieces)
+        return [self.emit(spec.done, **self.where, **{spec.text: part[spec.text]}, **spec.extra),
+                self.emit(spec.closed, **self.where, part=part)]
 
     def sign(self, block: Any) -> list[bytes]:
         """Signed thinking joins the open reasoning item (a redacted block opens one of its own)."""
