@@ -2597,7 +2597,7 @@ def _check_type(value: Any, kinds: tuple[type, ...], where: str) -> None:
 def _check_values(body: Mapping[str, Any]) -> None:
     for path, allowed in _RESPONSES_ENUMS.items():
         value = _dig(body, path)
-        if value is not None and not isinstance(value, dict) and value not in allowed:
+        if value is not None and not isinstance(value, dict) and (not isinstance(value, str) or value not in allowed):
             supported = ", ".join(f"'{name}'" for name in sorted(allowed))
             raise RequestError(f"Invalid value for '{path}': {value!r}. Supported values are: {supported}.", path,
                                "invalid_value")
@@ -2606,7 +2606,7 @@ def _check_values(body: Mapping[str, Any]) -> None:
         if value is not None and not low <= value <= high:
             raise RequestError(f"Invalid '{name}': {value} is outside [{low}, {high}].", name, "invalid_value")
     for value in body.get("include") or ():
-        if value not in _INCLUDABLE:
+        if not isinstance(value, str) or value not in _INCLUDABLE:
             raise RequestError(f"Invalid value for 'include': {value!r}.", "include", "invalid_value")
     for key, value in (body.get("metadata") or {}).items():
         _check_type(value, (str,), f"metadata.{key}")
@@ -2615,14 +2615,17 @@ def _check_values(body: Mapping[str, Any]) -> None:
 def _check_message(item: Mapping[str, Any], where: str) -> None:
     if item.get("role") not in _INPUT_ROLES:
         raise RequestError(f"Invalid value for '{where}.role': {item.get('role')!r}.", f"{where}.role", "invalid_value")
-    content = item.get("content")
+    _check_parts(item.get("content"), f"{where}.content")
+
+
+def _check_parts(content: Any, where: str) -> None:
+    """A string, or content parts: objects with a `type`."""
     if not isinstance(content, (str, list)):
-        raise RequestError(f"Invalid type for '{where}.content': expected a string or an array.", f"{where}.content",
-                           "invalid_type")
+        raise RequestError(f"Invalid type for '{where}': expected a string or an array.", where, "invalid_type")
     for j, part in enumerate(content if isinstance(content, list) else ()):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise RequestError(f"Invalid '{where}.content[{j}]': expected an object with a 'type'.",
-                               f"{where}.content[{j}]", "invalid_type")
+            raise RequestError(f"Invalid '{where}[{j}]': expected an object with a 'type'.", f"{where}[{j}]",
+                               "invalid_type")
 
 
 def _check_strings(*names: str) -> Callable[[Mapping[str, Any], str], None]:
@@ -2636,7 +2639,7 @@ def _check_strings(*names: str) -> Callable[[Mapping[str, Any], str], None]:
 
 def _check_output(item: Mapping[str, Any], where: str) -> None:
     _check_strings("call_id")(item, where)
-    _check_type(item.get("output"), (str, list), f"{where}.output")
+    _check_parts(item.get("output"), f"{where}.output")
 
 
 # Input item type -> its shape check (EasyInputMessage, FunctionToolCall, FunctionCallOutputItemParam, ReasoningItem).
