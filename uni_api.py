@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable and globals().get("__file__"):
-    # CPython keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which
-    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it;
-    # like a script's own sys.path[0], the folder searched is the one of the file a symlink points to.
+# Run as a script, uni_api.py re-executes itself as an import, here, before anything else is imported: CPython
+# keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which for a server is
+# never. The new image has the same pid, interpreter flags and arguments; like a script's own sys.path[0], the
+# folder searched is the one of the file a symlink points to. UNI_API_NO_REEXEC=1 turns it off, and it stays off
+# under a debugger, coverage or a profiler (a trace or profile hook is set, or one of their modules is loaded):
+# os.execv would replace the process they watch with one they do not.
+if (__name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable
+        and globals().get("__file__") and os.environ.get("UNI_API_NO_REEXEC", "").lower() not in ("1", "true", "yes")
+        and sys.gettrace() is None and sys.getprofile() is None
+        and not any(name in sys.modules for name in ("pdb", "bdb", "pydevd", "debugpy", "coverage", "cProfile",
+                                                     "profile", "pyinstrument", "yappi", "trace"))):
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     os.execv(sys.executable, [sys.executable, *_flags, "-c", "import os, sys; sys.path.insert(0, os.path.dirname("
              "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.realpath(__file__), *sys.argv[1:]])
@@ -24,7 +31,6 @@ import base64
 import bisect
 import contextlib
 import datetime
-import functools
 import gc
 import hashlib
 import hmac
@@ -34,6 +40,7 @@ import logging
 import math
 import re
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -59,7 +66,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 import adapters
-from adapters import ADAPTERS, SSE_DONE, Adapter, Provider, Target, UpstreamError, UpstreamRequest
+from adapters import ADAPTERS, Adapter, Face, Provider, Target, UpstreamError, UpstreamRequest
 from scheduler import (
     Channel,
     KeyPool,
@@ -90,6 +97,9 @@ PROXY_SCHEMES: Final = ("http", "https", "socks4", "socks5", "socks5h")
 SPEEDUPS: Final = ("uvloop", "httptools", "orjson")
 MODERATION_MODELS: Final = ("omni-moderation-latest", "text-moderation-latest")  # ENABLE_MODERATION's, in order
 CONFIG_POLL_SECONDS: Final = 2.0  # how often a local config file's mtime and size are checked
+STATE_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads; Valkey too
+DEFAULT_STATE_PREFIX: Final = "uni-api"
+DEFAULT_STATE_TIMEOUT: Final = 0.25  # seconds: connect and reply; a dead Redis never holds a request longer
 
 logger = logging.getLogger("uni_api")
 
@@ -104,9 +114,9 @@ class GatewayError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, status: int | None = None, headers: Mapping[str, str] | None = None,
-                 type_: str | None = None, code: str | None = None) -> None:
+                 type_: str | None = None, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message, self.param = message, param
         self.status = status or self.status
         self.type = type_ or self.type
         self.code = code or self.code
@@ -207,6 +217,16 @@ class StoreLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class StateOptions:
+    """`state:`: the Redis (or Valkey) where workers and instances share rate windows, cooldowns and benches."""
+
+    redis_url: str
+    prefix: str = DEFAULT_STATE_PREFIX
+    on_error: Literal["open", "closed"] = "open"  # Redis unreachable: decide locally, or answer 503
+    timeout_s: float = DEFAULT_STATE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     providers: Mapping[str, Provider]
@@ -221,6 +241,8 @@ class Config:
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
     responses_store: StoreLimits = StoreLimits()
+    placeholders: tuple[str, ...] = ()  # "file:line: key path" of each value left as api.yaml.example's
+    state: StateOptions | None = None  # None: this process's memory holds all scheduling state
 
 
 # --- Config parsing ---
@@ -367,6 +389,7 @@ _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_
                           "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides")
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
+_STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
                         "max_body_size", "request_timeout", "responses_store")
 
@@ -379,8 +402,11 @@ class _Globals:
     proxy: str | None
 
 
-def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -> Config:
-    """api.yaml text to frozen records; raises ConfigError naming file, line and key path."""
+def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
+                 env_redis_url: str | None = None) -> Config:
+    """api.yaml text to frozen records; raises ConfigError naming file, line and key path.
+
+    `env_redis_url` ($REDIS_URL) turns shared state on when api.yaml has no `state:`, and fills its `redis_url`."""
     try:
         raw = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -388,7 +414,8 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         line = mark.line + 1 if mark else 1
         raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
     root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
-    root.check_keys(("providers", "api_keys", "preferences"))
+    placeholders = tuple(_placeholders(root.data, source, "", 0))
+    root.check_keys(("providers", "api_keys", "preferences", "state"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
     glob = _Globals(_timeouts(prefs, "model_timeout"), _seconds(prefs, "cooldown_period", DEFAULT_COOLDOWN),
@@ -431,9 +458,49 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
         responses_store=_store_limits(prefs.mapping("responses_store")),
+        placeholders=placeholders,
+        state=_parse_state(root, env_redis_url),
     )
     _check_moderation_rules(config, entries)
     return config
+
+
+# api.yaml.example's stand-ins for keys and ids (sk-replace-me, gsk-replace-me-1, ...): the start warns of each.
+PLACEHOLDER: Final = "replace-me"
+
+
+def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str]:
+    """Where a value still holds an example placeholder, as "file:line: key path"."""
+    if isinstance(value, str) and PLACEHOLDER in value:
+        yield f"{_source_name(source)}:{line + 1}: {path}"
+    elif isinstance(value, CommentedMap):
+        for key in value:
+            yield from _placeholders(value[key], source, f"{path}.{key}" if path else str(key), value.lc.key(key)[0])
+    elif isinstance(value, CommentedSeq):
+        for i, item in enumerate(value):
+            yield from _placeholders(item, source, f"{path}[{i}]", value.lc.item(i)[0])
+
+
+def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
+    node = root.mapping("state")
+    if node is None:
+        return StateOptions(env_redis_url) if env_redis_url else None
+    node.check_keys(_STATE_KEYS)
+    url = node.get("redis_url", str, env_redis_url)
+    if not url:
+        raise node.error("missing required key 'redis_url' (or set REDIS_URL)")
+    if not url.startswith(STATE_URL_SCHEMES):
+        raise node.error("expected a redis://, rediss:// or unix:// URL", "redis_url")
+    prefix = node.get("prefix", str, DEFAULT_STATE_PREFIX)
+    if not prefix.strip():
+        raise node.error("expected a non-empty string", "prefix")
+    on_error = node.get("on_error", str, "open")
+    if on_error not in ("open", "closed"):
+        raise node.error(f"expected open or closed, got {on_error!r}", "on_error")
+    timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
+    if timeout <= 0:
+        raise node.error("expected a number of seconds > 0", "timeout")
+    return StateOptions(url, prefix, on_error, timeout)
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -468,6 +535,9 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
     )
+    for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
+        if not extra.get(required):
+            raise node.error(f"missing required key '{required}' (engine {provider.engine} needs it)", required)
     strategy = prefs.get("api_key_schedule_algorithm", str, "round_robin")
     if strategy not in KEY_STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(KEY_STRATEGY_NAMES)}", "api_key_schedule_algorithm")
@@ -701,13 +771,13 @@ async def fetch_text(url: str, *, limit: int = CONFIG_FETCH_LIMIT, timeout: floa
 def load_config(source: str) -> Config:
     """Read a config from a path or an http(s) URL and parse it."""
     text = asyncio.run(fetch_text(source)) if _is_url(source) else read_config_file(source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 async def reload_config(source: str) -> Config:
     """load_config for a running loop: the file is read off the loop."""
     text = await fetch_text(source) if _is_url(source) else await asyncio.to_thread(read_config_file, source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 def _is_url(source: str) -> bool:
@@ -847,26 +917,12 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def require_model(body: Mapping[str, Any], default: str | None = None) -> str:
-    model = body.get("model", default)
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a non-empty string.", code="invalid_model")
-    return model
-
-
-def validate_chat(body: Mapping[str, Any]) -> str:
-    model = require_model(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' is required and must be a non-empty array.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"'messages[{i}]' must be an object with a string 'role'.")
-    if not isinstance(body.get("stream", False), bool):
-        raise InvalidRequest("'stream' must be a boolean.")
-    if not isinstance(body.get("stream_options") or {}, dict):
-        raise InvalidRequest("'stream_options' must be an object.")
-    return model
+def checked(check: Callable[..., T], *args: Any) -> T:
+    """A face's shape check; its RequestError becomes a 400 naming the field."""
+    try:
+        return check(*args)
+    except adapters.RequestError as exc:
+        raise InvalidRequest(exc.message, code=exc.code or "invalid_request", param=exc.param) from None
 
 
 def parse_multipart(body: bytes, content_type: str) -> tuple[tuple[str, Any], ...]:
@@ -1380,6 +1436,8 @@ class Gateway:
     loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
     stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
     responses: ResponseStore = field(default_factory=ResponseStore)  # stored responses, kept across reloads
+    shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
+    instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
 
 
 _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
@@ -1538,25 +1596,46 @@ async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
 
 # --- Attempts: one try of one channel ---
 
-Send = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
+# One attempt of one request: (channel, adapter, target, timeout) -> the answer, or UpstreamError.
+Sender = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
+
+_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+TRIGGER_WINDOW: Final = 256  # with error_triggers set, a stream commits once this much text was checked
 
 
 def _json_response(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
-                relay: Relay | None = None) -> Send:
-    """Send one chat attempt; streams commit only after the first converted chunk arrived.
+def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
+                record: RequestRecord | None = None) -> Sender:
+    """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
+    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face."""
+    converted: list[Sender] = []
 
-    Streams always ask the adapter (and the upstream, where the engine can) for usage, for the statistics;
-    the usage chunk is dropped again when the client did not ask for it. `relay` writes the committed stream
-    (default: OpenAI's SSE).
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = face.native.get(channel.engine)
+        if native is not None:
+            return await native_attempt(gw, face, native, body, model, client_headers, record, channel, target,
+                                        timeout)
+        if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
+            converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
+        return await converted[0](channel, adapter, target, timeout)
+
+    return send
+
+
+def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
+                face: Face = adapters.FACES["chat"], face_body: Mapping[str, Any] | None = None) -> Sender:
+    """One chat attempt; the answer is rendered by `face` (for `face_body`, the request as the client sent it).
+
+    A stream commits only after its first chunks arrived (see _stream_head), so a channel failing before that is
+    retried on the next one. Streams always ask the adapter (and the upstream, where the engine can) for usage,
+    for the statistics; the usage chunk is dropped again when the client did not ask for it.
     """
-    relay = relay or _relay
     triggers = gw.config.error_triggers
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
+    face_body = body if face_body is None else face_body
     inlined: list[dict[str, Any]] = []
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -1574,38 +1653,27 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: Reques
                 completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
                 if record is not None:
                     record.add_usage(completion.get("usage"))
-                return _json_response(adapters.dumps(completion))
-            chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
+                return _json_response(adapters.dumps(face.from_chat(completion, face_body, model)))
+            parsed = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
+            chunks = _counted(parsed, include_usage, record, created)
             with _transport_errors(timeout):
-                first = _stamp(await anext_or_fail(chunks), created)
-            if "usage" in first:
-                _take_usage(first, include_usage, record)
-            if triggers:
-                _check_triggers(adapters.dumps(first).decode(), triggers)
+                head = await _stream_head(chunks, triggers)
         except BaseException:
             response.close()
             raise
-        stream = relay(first, _usage_kept(chunks, include_usage, record), response, timeout, created,
-                       gw.config.secrets)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        stream = face.stream(face_body, model)
+        frames = _relay(stream, head, chunks, response, timeout, gw.config.secrets)
+        return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
 
     return send
 
 
-# A committed chat stream to the client: (first chunk, the chunks after it, the upstream response, timeout,
-# created, secrets to redact) -> the bytes sent. It ends a failed stream with an error event of its format.
-Relay = Callable[[dict[str, Any], AsyncIterator[dict[str, Any]], aiohttp.ClientResponse, float, int,
-                  re.Pattern[str] | None], AsyncIterator[bytes]]
-
-_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _usage_kept(chunks: AsyncIterator[dict[str, Any]], include_usage: bool,
-                      record: RequestRecord | None) -> AsyncIterator[dict[str, Any]]:
-    """Chunks after the first, with usage noted on `record`; usage-only chunks dropped unless the client asked."""
+async def _counted(chunks: AsyncIterator[dict[str, Any]], include_usage: bool, record: RequestRecord | None,
+                   created: int) -> AsyncIterator[dict[str, Any]]:
+    """Chunks stamped with `created`, usage noted on `record`; usage-only chunks dropped unless the client asked."""
     async for chunk in chunks:
         if "usage" not in chunk or _take_usage(chunk, include_usage, record):
-            yield chunk
+            yield _stamp(chunk, created)
 
 
 def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecord | None) -> bool:
@@ -1618,11 +1686,40 @@ def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecor
     return bool(chunk.get("choices"))
 
 
-async def anext_or_fail(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        raise UpstreamError(502, "upstream stream ended before its first chunk") from None
+async def _stream_head(chunks: AsyncIterator[dict[str, Any]], triggers: Sequence[str]) -> list[dict[str, Any]]:
+    """The chunks read before a stream commits: up to the first with output (text, reasoning, a tool call or a
+    finish). With error_triggers set, reading goes on until TRIGGER_WINDOW characters of text were seen, so a
+    trigger in the first chunks fails the attempt before anything reached the client, as for whole answers."""
+    head: list[dict[str, Any]] = []
+    text = ""
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            if not head:
+                raise UpstreamError(502, "upstream stream ended before its first chunk") from None
+            return head
+        head.append(chunk)
+        if triggers:
+            text += _delta_text(chunk)
+            _check_triggers(text, triggers)
+            _check_triggers(adapters.dumps(chunk).decode(), triggers)
+        if _has_output(chunk) and (not triggers or len(text) >= TRIGGER_WINDOW):
+            return head
+
+
+_OUTPUT_FIELDS: Final = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking_blocks", "refusal")
+
+
+def _has_output(chunk: Mapping[str, Any]) -> bool:
+    return any(choice.get("finish_reason") or any((choice.get("delta") or {}).get(name) for name in _OUTPUT_FIELDS)
+               for choice in chunk.get("choices") or ())
+
+
+def _delta_text(chunk: Mapping[str, Any]) -> str:
+    texts = ((choice.get("delta") or {}).get(name) for choice in chunk.get("choices") or ()
+             for name in ("reasoning_content", "content"))
+    return "".join(text for text in texts if isinstance(text, str))
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -1639,20 +1736,25 @@ def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
     return answer
 
 
-async def _relay(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
-                 timeout: float, created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
+async def _relay(stream: adapters.FaceStream, head: list[dict[str, Any]], chunks: AsyncIterator[dict[str, Any]],
+                 response: aiohttp.ClientResponse, timeout: float, secrets: re.Pattern[str] | None
+                 ) -> AsyncIterator[bytes]:
+    """The committed stream in the face's format; a failure ends it with the face's error event."""
     try:
-        yield adapters.sse_frame(first)
+        for chunk in head:
+            for frame in stream.on_chunk(chunk):
+                yield frame
         with _transport_errors(timeout):
             async for chunk in chunks:
-                yield adapters.sse_frame(_stamp(chunk, created))
+                for frame in stream.on_chunk(chunk):
+                    yield frame
+        last = stream.end()
     except UpstreamError as exc:
-        yield adapters.sse_frame(adapters.error_body(_stream_failure(exc, secrets), "upstream_error",
-                                                     "stream_interrupted"))
+        last = stream.fail(_stream_failure(exc, secrets), 502)
     finally:
         response.close()
-    yield SSE_DONE
+    for frame in last:
+        yield frame
 
 
 def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
@@ -1663,8 +1765,8 @@ def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
 
 
 def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
-                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Send:
-    """Send one attempt of a non-chat endpoint; JSON answers get the client's model name back."""
+                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Sender:
+    """One attempt of a non-chat endpoint; JSON answers get the client's model name back."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         if endpoint not in adapter.endpoints:
@@ -1701,6 +1803,336 @@ async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> Asyn
         response.close()
 
 
+# --- Shared state: rate windows, cooldowns and key benches in Redis (or Valkey) ---
+# Workers and instances with the same `state:` see one set of limits and cooldowns. The scheduler stays pure:
+# admission reads what everyone recorded in one round trip and hands it over (adopt_cooldowns, adopt_benches);
+# failures write their cooldown with its real expiry. Time is Redis's own (TIME), so instance clocks may differ.
+# Redis keys hold fingerprints (a sha256 prefix), never a client or provider key. Round-robin positions stay per
+# instance: over N instances each rotates on its own, so shares even out but strict alternation does not hold.
+
+# KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
+# ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key.
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local n = tonumber(ARGV[1])
+local wait = 0
+for i = 1, n do
+  local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local used = redis.call('ZCARD', KEYS[i])
+  if used >= count then
+    local oldest = redis.call('ZRANGE', KEYS[i], used - count, used - count, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
+end
+if wait == 0 then
+  for i = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+  end
+end
+local out = {math.ceil(wait)}
+for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
+return out
+"""
+# KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
+# window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
+# position, or 0 when none has.
+_ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local l = tonumber(ARGV[1])
+for c = 0, #KEYS / (l + 1) - 1 do
+  local base = c * (l + 1)
+  if redis.call('EXISTS', KEYS[base + 1]) == 0 then
+    local room = true
+    for i = 1, l do
+      local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+      redis.call('ZREMRANGEBYSCORE', KEYS[base + 1 + i], '-inf', now - window)
+      if redis.call('ZCARD', KEYS[base + 1 + i]) >= count then room = false end
+    end
+    if room then
+      for i = 1, l do
+        redis.call('ZADD', KEYS[base + 1 + i], now, ARGV[2])
+        redis.call('PEXPIRE', KEYS[base + 1 + i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+      end
+      return c + 1
+    end
+  end
+end
+return 0
+"""
+# KEYS[1] cools (or is benched) for ARGV[1] ms, unless it already is for longer.
+_COOL_LUA: Final = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return 0
+"""
+SHARED_RETRY_S: Final = 1.0  # after a failure, Redis is left alone this long (requests decide without it)
+SHARED_WARN_EVERY_S: Final = 10.0
+
+
+class SharedStateDown(GatewayError):
+    status, type, code = 503, "server_error", "shared_state_unavailable"
+
+
+class SharedState:
+    """The Redis client, the scripts above, and the health that /metrics and /status report.
+
+    Commands issued in one turn of the event loop go to Redis together, in one pipeline: under load many
+    requests share a round trip, which is most of what Redis costs a request in CPU (bench/capacity.py).
+    Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
+    then does what `on_error` says. After a failure Redis is left alone for SHARED_RETRY_S, then tried again,
+    so sharing resumes by itself when it is back and a dead Redis costs a request only the local decision.
+    """
+
+    def __init__(self, options: StateOptions) -> None:
+        import redis.asyncio  # only here: a one-process gateway never needs redis-py
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.options = options
+        self.errors = 0  # decisions taken without Redis (a metric)
+        self.down_since: float | None = None
+        # No socket_timeout: one timeout bounds each whole pipeline (_execute). No retries: redis-py retries
+        # with backoff by default, which would hold requests while Redis is down.
+        self._client = redis.asyncio.Redis.from_url(options.redis_url, socket_connect_timeout=options.timeout_s,
+                                                    retry=Retry(NoBackoff(), 0))
+        self._no_script = redis.exceptions.NoScriptError
+        self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Future[None]] = set()
+        self._retry_at = self._warned_at = -math.inf
+        self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
+        self._count = 0
+        self._names: dict[tuple[str, ...], str] = {}
+
+    def name(self, kind: str, *parts: str) -> str:
+        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+        found = self._names.get((kind, *parts))
+        if found is None:
+            if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
+                self._names.clear()
+            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}"
+        return found
+
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[str]:
+        """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
+        entry, limits = found
+        return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
+
+    async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[str]) -> list[int] | None:
+        """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
+        keys = [*windows, *ttl_keys]
+        return await self._call("EVALSHA", _SHA["admit"], len(keys), *keys, len(windows), self._next_member(),
+                                *_limit_args(limits))
+
+    async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
+        """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
+        keys = [name for bench, names in candidates for name in (bench, *names)]
+        found = await self._call("EVALSHA", _SHA["acquire"], len(keys), *keys, len(limits), self._next_member(),
+                                 *_limit_args(limits))
+        return None if found is None else int(found) - 1
+
+    async def cool(self, name: str, seconds: float) -> None:
+        """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
+        await self._call("EVALSHA", _SHA["cool"], 1, name, math.ceil(seconds * 1000))
+
+    async def clear(self, name: str) -> None:
+        await self._call("DEL", name)
+
+    async def ping(self) -> bool:
+        return await self._call("PING") is not None
+
+    async def close(self) -> None:
+        closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
+        await closing()
+
+    def _next_member(self) -> str:
+        self._count += 1
+        return f"{self._member}{self._count}"
+
+    async def _call(self, *command: Any) -> Any:
+        """One command, sent with the others of this turn of the event loop."""
+        if time.monotonic() < self._retry_at:
+            self._fault(None)
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            result = await future
+            if isinstance(result, Exception):  # this command's own error, e.g. a wrong type at its key
+                raise result
+        except self._faults as exc:
+            self._fault(exc)
+            return None
+        if self.down_since is not None:
+            logger.warning("shared state: Redis answers again after %.1f s; limits and cooldowns are shared again",
+                           time.time() - self.down_since)
+            self.down_since = None
+        return result
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await _within(self.options.timeout_s, self._execute([command for command, _ in batch]))
+        except Exception as exc:  # handed to each waiting request, which decides by on_error
+            results = [exc] * len(batch)
+        except BaseException:  # the loop is closing
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its request may have ended meanwhile
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._pipeline(commands)
+        if any(isinstance(result, self._no_script) for result in results):  # a restarted Redis forgot them
+            for text in _SCRIPTS.values():
+                await self._client.script_load(text)
+            results = await self._pipeline(commands)
+        return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:  # a pipeline object costs more than the one command it would carry
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except self._no_script as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    def _fault(self, exc: BaseException | None) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if exc is not None:
+            self._retry_at = now + SHARED_RETRY_S
+            self.down_since = self.down_since or time.time()
+        if now - self._warned_at >= SHARED_WARN_EVERY_S:
+            self._warned_at = now
+            decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
+            logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
+                           str(exc or "still down") or type(exc).__name__, self.options.on_error, decided,
+                           self.errors)
+
+
+_SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
+_SHA: Final[Mapping[str, str]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()})
+
+
+def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
+    return [value for limit in limits for value in (limit.count, limit.window_s * 1000)]
+
+
+def _redis_where(url: str) -> str:
+    """host:port/db of a redis URL, without user or password."""
+    rest = url.split("://", 1)[1]
+    return rest.rsplit("@", 1)[-1]
+
+
+def render_shared_metrics(gw: Gateway) -> str:
+    lines = ["# HELP uni_api_instance_info The instance that answered (hostname:pid, or $INSTANCE_ID).",
+             "# TYPE uni_api_instance_info gauge", f'uni_api_instance_info{{instance_id="{gw.instance}"}} 1']
+    if gw.shared is not None:
+        lines += ["# HELP uni_api_shared_state_up 1 while Redis (shared state) answers, 0 while it does not.",
+                  "# TYPE uni_api_shared_state_up gauge",
+                  f"uni_api_shared_state_up {int(gw.shared.down_since is None)}",
+                  "# HELP uni_api_shared_state_errors_total Decisions taken without Redis (on_error open or closed).",
+                  "# TYPE uni_api_shared_state_errors_total counter",
+                  f"uni_api_shared_state_errors_total {gw.shared.errors}"]
+    return "\n".join(lines) + "\n"
+
+
+def shared_state_line(gw: Gateway) -> str:
+    """The /status page's sentence about this instance and its shared state."""
+    where = f"Instance {html.escape(gw.instance)}."
+    shared = gw.shared
+    if shared is None:
+        return f"{where} Limits and cooldowns are kept in this process only."
+    target = html.escape(f"{_redis_where(shared.options.redis_url)} (prefix {shared.options.prefix})")
+    if shared.down_since is None:
+        return f"{where} Shared state: Redis at {target}, answering."
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(shared.down_since))
+    return (f"{where} <strong>Shared state: Redis at {target} UNREACHABLE since {since}</strong>; on_error "
+            f"{shared.options.on_error}, {shared.errors} decisions taken without it.")
+
+
+async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str,
+                       channels: Sequence[Channel]) -> int:
+    """One round trip: check-and-record the key's shared rate windows, and adopt the cooldowns of `channels`
+    and the benches of their providers' keys. Seconds to wait, 0 when admitted."""
+    limits = key.rate_limits or gw.config.rate_limits
+    found = limits.lookup(model) if limits is not None else None
+    windows = shared.windows(("client", key.token), found) if found is not None else []
+    providers = [gw.config.providers[name] for name in dict.fromkeys(channel.provider for channel in channels)]
+    cools = [shared.name("cool", c.provider, c.upstream_model) for c in channels]
+    benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
+    answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
+    if answer is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.admit(key.token, model, limits)
+    wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
+    gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
+    start = len(channels)
+    for provider in providers:
+        gw.scheduler.adopt_benches(provider.name, ttls[start:start + len(provider.api_keys)])
+        start += len(provider.api_keys)
+    return math.ceil(wait / 1000)
+
+
+async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: str, tried: list[int]) -> int | None:
+    """`Scheduler.acquire_key` with the provider's `api_key_rate_limit` windows and benches kept in Redis."""
+    pool = policy.keys
+    found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
+    if found is None:
+        return gw.scheduler.acquire_key(pool, model, tried)
+    order = gw.scheduler.key_order(pool, tried)
+    provider = gw.config.providers[pool.provider]
+    candidates = [(shared.name("bench", provider.name, provider.api_keys[i]),
+                   shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
+    position = await shared.acquire(candidates, found[1]) if order else -1
+    if position is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.acquire_key(pool, model, tried)
+    if position < 0:
+        return None
+    gw.scheduler.key_taken(pool, order[position])
+    return order[position]
+
+
+async def channel_failed(gw: Gateway, channel: Channel) -> None:
+    """Cool the channel here and, with shared state, everywhere (until its real expiry)."""
+    gw.scheduler.record_failure(channel)
+    if gw.shared is not None and channel.cooldown_s > 0:
+        await gw.shared.cool(gw.shared.name("cool", channel.provider, channel.upstream_model), channel.cooldown_s)
+
+
+async def key_failed(gw: Gateway, policy: Policy, index: int, retry_after: float | None) -> None:
+    """Bench the key here and, with shared state, everywhere, for the longer of its cooldown and Retry-After."""
+    gw.scheduler.record_key_failure(policy.keys, index, retry_after)
+    period = max(policy.keys.cooldown_s, retry_after or 0.0)
+    if gw.shared is not None and period > 0:
+        provider = gw.config.providers[policy.keys.provider]
+        await gw.shared.cool(gw.shared.name("bench", provider.name, provider.api_keys[index]), period)
+
+
+
 # --- Request flow: plan, attempts, failover ---
 
 
@@ -1714,9 +2146,11 @@ def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
 
 
-def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+async def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
     if policy.keys.size == 0:
         return None if tried else -1
+    if gw.shared is not None and policy.keys.rate_limits is not None:
+        return await shared_key(gw, gw.shared, policy, model, tried)
     return gw.scheduler.acquire_key(policy.keys, model, tried)
 
 
@@ -1744,21 +2178,24 @@ class _NotServed(UpstreamError):
     """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
 
 
-async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send, record: RequestRecord | None = None) -> Response:
+async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
     """Admit one request of `key` for `model`, then fail over across its channels."""
-    return await failover(gw, key, model, admit(gw, key, model), send, record)
+    return await failover(gw, key, model, await admit(gw, key, model), send, record)
 
 
-def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+async def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
     channels = channels_for(gw, key, model)
-    wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    if gw.shared is None:
+        wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    else:
+        wait = await shared_admit(gw, gw.shared, key, model, channels)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
     return channels
 
 
-async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Send,
+async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
                    record: RequestRecord | None = None) -> Response:
     """Try `channels` in scheduled order, each key of a channel at most once."""
     budget = _Budget(math.inf if key.retries is None else key.retries + 1)
@@ -1770,7 +2207,7 @@ async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Chan
     raise _all_failed(model, failures)
 
 
-async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, budget: _Budget,
+async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Sender, budget: _Budget,
                        failures: list[tuple[Channel, UpstreamError]],
                        record: RequestRecord | None = None) -> Response | None:
     """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
@@ -1779,10 +2216,10 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
     budget.start(gw.config, timeout)
     tried: list[int] = []
     while budget.attempts > 0 and (left := budget.time_left()) > 0:
-        index = _next_key(gw, policy, channel.upstream_model, tried)
+        index = await _next_key(gw, policy, channel.upstream_model, tried)
         if index is None:
             if tried:  # every key failed this request: the channel failed
-                gw.scheduler.record_failure(channel)
+                await channel_failed(gw, channel)
             else:
                 failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
             return None
@@ -1802,16 +2239,17 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
         elif isinstance(outcome, _NotServed):
             budget.attempts += 1  # nothing was sent upstream
         elif outcome.status in _KEY_FAILURES and index >= 0:
-            gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
+            await key_failed(gw, policy, index, outcome.retry_after)
             continue
         else:
-            gw.scheduler.record_failure(channel)
+            await channel_failed(gw, channel)
         return None
     return None
 
 
 async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Send, left: float = math.inf, record: RequestRecord | None = None) -> Response | UpstreamError:
+                   send: Sender, left: float = math.inf, record: RequestRecord | None = None
+                   ) -> Response | UpstreamError:
     """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
@@ -1833,7 +2271,8 @@ async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeo
         exc.message = _redact_secrets(exc.message, gw.config.secrets)
         _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
         return exc
-    gw.scheduler.record_success(channel)
+    if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
+        await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
     _log_attempt(key, channel, index, response.status_code, started, "", record)
     return response
 
@@ -1927,18 +2366,6 @@ def check_moderation(config: Config, routes: Mapping[str, KeyRoutes]) -> None:
         raise ConfigError(f"{_source_name(config.source)}: {where}: {_NO_MODERATION_MODEL}")
 
 
-def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The text of the last user message: a string content, or its text parts joined."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return "\n".join(part["text"] for part in content if isinstance(part, dict)
-                                 and part.get("type") == "text" and isinstance(part.get("text"), str))
-            return content if isinstance(content, str) else ""
-    return ""
-
-
 def flagged_categories(answer: bytes) -> list[str]:
     """The categories an OpenAI moderation answer flags; ["unspecified"] when flagged without one."""
     try:
@@ -1949,13 +2376,13 @@ def flagged_categories(answer: bytes) -> list[str]:
     return list(dict.fromkeys(names)) or (["unspecified"] if results else [])
 
 
-async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
+async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
     """Send the last user text to the key's moderation model; raise ContentFlagged when it is flagged.
 
     It rides on the chat request's admission (no rate-limit slot of its own) and fails closed: when every
     moderation channel fails, the chat request fails too.
     """
-    text, model = last_user_text(body["messages"]), gw.routes[key.token].moderation_model
+    model = gw.routes[key.token].moderation_model
     if not text or model is None:
         return
     send = endpoint_sender(gw, "moderations", {"model": model, "input": text}, model)
@@ -1965,13 +2392,13 @@ async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
         raise ContentFlagged(f"The request was rejected by moderation; flagged categories: {', '.join(flagged)}.")
 
 
-async def chat_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                    record: RequestRecord | None = None) -> Response:
-    """Admission, then moderation when the key has it on, then the chat attempts."""
-    channels = admit(gw, key, model)
+async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
+                    client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
+    """Admission, then moderation when the key has it on, then the attempts."""
+    channels = await admit(gw, key, model)
     if key.moderation:
-        await moderate(gw, key, body)
-    return await failover(gw, key, model, channels, chat_sender(gw, body, model, record), record)
+        await moderate(gw, key, face.user_text(body))
+    return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
 
 
 # --- Routes ---
@@ -1982,12 +2409,19 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-async def chat_completions(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = validate_chat(body)
-    return await until_disconnect(request, chat_flow(gw, key, model, body, _track(request, key, model)))
+def face_route(face: Face) -> Callable[[Request], Awaitable[Response]]:
+    """The route of one client API: auth, the body, the face's checks, then the flow; errors in the face's shape."""
+
+    async def handle(request: Request) -> Response:
+        request.state.face = face
+        gw = _gateway(request)
+        key = authenticate(request, gw.config)
+        body = await read_json(request, gw.config.body_limit)
+        model = checked(face.validate, body)
+        record = _track(request, key, model)
+        return await until_disconnect(request, face_flow(gw, key, model, face, body, request.headers, record))
+
+    return handle
 
 
 def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
@@ -1995,7 +2429,7 @@ def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None)
         gw = _gateway(request)
         key = authenticate(request, gw.config)
         body = await read_json(request, gw.config.body_limit)
-        model = require_model(body, default_model)
+        model = checked(adapters.require_model, body, default_model)
         record = _track(request, key, model)
         send = endpoint_sender(gw, endpoint, body, model, record=record)
         return await until_disconnect(request, dispatch(gw, key, model, send, record))
@@ -2007,7 +2441,7 @@ async def transcriptions(request: Request) -> Response:
     gw = _gateway(request)
     key = authenticate(request, gw.config)
     form = parse_multipart(await read_body(request, gw.config.body_limit), request.headers.get("content-type", ""))
-    model = require_model(dict((k, v) for k, v in form if isinstance(v, str)))
+    model = checked(adapters.require_model, dict((k, v) for k, v in form if isinstance(v, str)))
     record = _track(request, key, model)
     send = endpoint_sender(gw, "transcriptions", None, model, form, record)
     return await until_disconnect(request, dispatch(gw, key, model, send, record))
@@ -2133,6 +2567,7 @@ def render_status(gw: Gateway, now: float) -> str:
             f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
             f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
             f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
+            f"<p>{shared_state_line(gw)}</p>"
             f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
             f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
             f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
@@ -2148,203 +2583,76 @@ async def status_page(request: Request) -> Response:
     return HTMLResponse(render_status(gw, time.time()), headers=_STATUS_HEADERS)
 
 
-# --- Anthropic inbound ---
-# POST /v1/messages and /v1/messages/count_tokens for clients of Anthropic's Messages API (Claude Code, the
-# anthropic SDKs), with the keys, rules, scheduling and limits of /v1/chat/completions. The `anthropic-version`
-# header is accepted and not needed. A channel whose engine speaks the Messages API gets the body as sent
-# (adapters.MESSAGES_PASSTHROUGH); any other gets it converted to OpenAI's through chat_sender, and the answer is
-# converted back (adapters, "Anthropic Messages inbound"). Errors take Anthropic's shape in render_error.
-# Anthropic API reference: "Messages", "Streaming Messages" (SSE: `event: <type>` + `data: <json>`), "Errors",
-# "Count tokens in a Message".
+# --- Passthrough: an engine that speaks the client's API natively ---
+# The body goes as sent (the model renamed), the answer comes back as it came, through the face's NativeStream;
+# a stream commits after the upstream's first event (an error event there fails the attempt).
 
 
-def _blocks_ok(content: Any) -> bool:
-    return isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
-
-
-def validate_messages(body: Mapping[str, Any]) -> str:
-    """The shape checks of a Messages API request that the conversions rely on; returns the model."""
-    model = validate_chat(body)
-    for i, message in enumerate(body["messages"]):
-        if message["role"] not in ("user", "assistant") or not _blocks_ok(message.get("content")):
-            raise InvalidRequest(f"'messages[{i}]' needs role 'user' or 'assistant' and content that is a string "
-                                 "or an array of content blocks.")
-    if body.get("system") is not None and not _blocks_ok(body["system"]):
-        raise InvalidRequest("'system' must be a string or an array of text blocks.")
-    for name in ("tools", "stop_sequences"):
-        if not isinstance(body.get(name) or [], list):
-            raise InvalidRequest(f"'{name}' must be an array.")
-    for name in ("tool_choice", "thinking", "output_config"):
-        if not isinstance(body.get(name) or {}, dict):
-            raise InvalidRequest(f"'{name}' must be an object.")
-    return model
-
-
-def _messages_frame(name: str, data: bytes) -> bytes:
-    """One Messages stream event; a data value spanning lines keeps one `data:` field per line."""
-    return b"event: " + name.encode() + b"\ndata: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
-
-
-def _event_frame(event: Mapping[str, Any]) -> bytes:
-    return _messages_frame(str(event["type"]), adapters.dumps(event))
-
-
-def _stream_failed(message: str) -> bytes:
-    """The last event of a stream that failed after its commit ("Errors": error events may arrive mid-stream)."""
-    return _event_frame(adapters.messages_error_body(message, 502))
-
-
-def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
-                       record: RequestRecord | None = None) -> Send:
-    """One attempt on a Messages-speaking channel: the body as sent and the answer as received, but for the model
-    name; a stream commits after the first upstream event (an error event there fails the attempt). The usage
-    the answer reports goes on `record`."""
+async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
+                         client_headers: Mapping[str, str], record: RequestRecord | None, channel: Channel,
+                         target: Target, timeout: float) -> Response:
     triggers = gw.config.error_triggers
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
-        request = native.build_request(body, target)
-        forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
+    request = native.build_request(body, target)
+    forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
+    if forwarded:
         request = replace(request, headers={**request.headers, **forwarded})
-        response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
-        try:
-            await _check_status(response, native, timeout)
-            if not body.get("stream"):
-                raw = await _read(response, timeout)
-                _check_triggers(raw.decode("utf-8", "replace"), triggers)
-                _note_usage(record, {}, "message", raw)
-                return _json_response(adapters.rename_model(raw, model))
-            events = native.iter_events(response.content.iter_any())
-            with _transport_errors(timeout):
-                first = await events.__anext__()
-            name = adapters.first_messages_event(first)
-            frame = _native_frame(first, model, name)
-            _check_triggers(frame.decode("utf-8", "replace"), triggers)
-            usage: dict[str, Any] = {}
-            _note_usage(record, usage, name, first.data)
-        except StopAsyncIteration:
-            response.close()
-            raise UpstreamError(502, "upstream stream ended before its first event") from None
-        except BaseException:
-            response.close()
-            raise
-        return StreamingResponse(_relay_native(frame, events, response, timeout, model, record, usage),
-                                 media_type="text/event-stream", headers=_STREAM_HEADERS)
-
-    return send
-
-
-# "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
-# cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
-_USAGE_PATHS: Final = MappingProxyType({"message": ("usage",), "message_start": ("message", "usage"),
-                                        "message_delta": ("usage",)})
-
-
-def _note_usage(record: RequestRecord | None, usage: dict[str, Any], name: str, data: bytes | str) -> None:
-    """Merge the usage an Anthropic answer or stream event `name` reports into `usage`, and note it on `record`."""
-    path = _USAGE_PATHS.get(name)
-    if record is None or path is None:
-        return
+    response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
     try:
-        found: Any = adapters.loads(data)
-        for step in path:
-            found = found.get(step)
-    except (ValueError, AttributeError, RecursionError):  # not JSON, or not the documented shape: nothing to count
-        return
-    if isinstance(found, Mapping):
-        usage.update((k, v) for k, v in found.items() if v is not None)
-        record.add_usage(adapters.claude_usage(usage))
+        await _check_status(response, native, timeout)
+        if not face.is_stream(body):
+            raw = await _read(response, timeout)
+            _check_triggers(raw.decode("utf-8", "replace"), triggers)
+            answer, usage = face.native_answer(raw, model)
+            if record is not None:
+                record.add_usage(usage)
+            return _json_response(answer)
+        stream = face.native_stream(body, model)
+        events = native.iter_events(response.content.iter_any())
+        with _transport_errors(timeout):
+            first = stream.on_event(await anext_or_fail(events))
+        _check_triggers(first.decode("utf-8", "replace"), triggers)
+    except BaseException:
+        response.close()
+        raise
+    frames = _relay_native(stream, first, events, response, timeout, record, gw.config.secrets)
+    return StreamingResponse(frames, media_type="text/event-stream", headers=_STREAM_HEADERS)
 
 
-def _native_frame(event: adapters.SSEEvent, model: str, name: str) -> bytes:
-    data = event.data.encode()
-    return _messages_frame(name, adapters.rename_model(data, model) if name == "message_start" else data)
+async def anext_or_fail(events: AsyncIterator[T]) -> T:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise UpstreamError(502, "upstream stream ended before its first event") from None
 
 
-async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], response: aiohttp.ClientResponse,
-                        timeout: float, model: str, record: RequestRecord | None, usage: dict[str, Any]
-                        ) -> AsyncIterator[bytes]:
-    """The committed passthrough stream; a cut before message_stop ends it with an error event."""
+async def _relay_native(stream: adapters.NativeStream, first: bytes, events: AsyncIterator[adapters.SSEEvent],
+                        response: aiohttp.ClientResponse, timeout: float, record: RequestRecord | None,
+                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
+    """The committed passthrough stream; a cut before the format's last event ends it with the face's error."""
+    last: list[bytes] = []
     try:
         yield first
-        name = ""
         with _transport_errors(timeout):
             async for event in events:
-                name = adapters.messages_event_name(event)
-                _note_usage(record, usage, name, event.data)
-                yield _native_frame(event, model, name)
-        if name not in ("message_stop", "error"):
-            raise UpstreamError(502, "upstream stream ended before message_stop")
+                yield stream.on_event(event)
+        if not stream.done:
+            raise UpstreamError(502, "upstream stream ended before its last event")
     except UpstreamError as exc:
-        logger.warning("stream failed after its first event: %s", exc)
-        yield _stream_failed(f"upstream failed mid-stream: {exc}")
+        last = stream.fail(_stream_failure(exc, secrets), 502)
     finally:
         response.close()
+        if record is not None:
+            record.add_usage(stream.usage)
+    for frame in last:
+        yield frame
 
 
-def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
-                    record: RequestRecord | None = None) -> Send:
-    """One attempt: passthrough on a Messages-speaking channel, else the OpenAI conversion through chat_sender."""
-    passthrough = passthrough_sender(gw, body, model, client_headers, record)
-    stop_sequences = tuple(body.get("stop_sequences") or ())
-    converted: list[Send] = []
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if channel.engine in adapters.MESSAGES_PASSTHROUGH:
-            return await passthrough(channel, adapter, target, timeout)
-        if not converted:  # once per request; UpstreamError(400, retryable) when only a Claude channel could serve it
-            relay = functools.partial(_relay_messages, model, stop_sequences)
-            converted.append(chat_sender(gw, adapters.from_messages_request(body), model, record, relay))
-        response = await converted[0](channel, adapter, target, timeout)
-        if not isinstance(response, StreamingResponse):
-            completion = adapters.loads(response.body)
-            return _json_response(adapters.dumps(adapters.to_messages_response(completion, model, stop_sequences)))
-        return response
-
-    return send
+# --- Anthropic count_tokens ---
+# "Count tokens in a Message" for clients of the Messages API: a channel that counts (the Anthropic API) answers,
+# any other gets the gateway's estimate.
 
 
-async def _relay_messages(model: str, stop_sequences: tuple[str, ...], first: dict[str, Any],
-                          chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse, timeout: float,
-                          created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """chat_sender's committed stream as Messages events, converted from its chunks (a Relay); a failure ends it
-    with an error event."""
-    async def every_chunk() -> AsyncIterator[dict[str, Any]]:
-        yield first
-        with _transport_errors(timeout):
-            async for chunk in chunks:
-                yield chunk
-
-    events = adapters.iter_messages_events(every_chunk(), model, stop_sequences)
-    try:
-        async for event in events:
-            yield _event_frame(event)
-    except UpstreamError as exc:
-        yield _stream_failed(_stream_failure(exc, secrets))
-    finally:
-        await events.aclose()
-        response.close()
-
-
-async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                        client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
-    """chat_flow for Messages requests: admission, moderation when the key has it on, then the attempts."""
-    channels = admit(gw, key, model)
-    if key.moderation:
-        await moderate(gw, key, body)  # last_user_text reads Messages turns as well
-    return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers, record), record)
-
-
-async def messages(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = validate_messages(body)
-    return await until_disconnect(request, messages_flow(gw, key, model, body, request.headers,
-                                                         _track(request, key, model)))
-
-
-def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
+def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
     """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -2368,12 +2676,100 @@ async def count_tokens(request: Request) -> Response:
     gw = _gateway(request)
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
-    model = validate_messages(body)
+    request.state.face = adapters.FACES["messages"]
+    model = checked(adapters.FACES["messages"].validate, body)
     record = _track(request, key, model)
     channels = channels_for(gw, key, model)
     if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
         return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
     return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
+
+
+# --- OpenAI Responses: the store behind previous_response_id, GET / DELETE, compact ---
+
+
+class ResponseNotFound(GatewayError):
+    status, type = 404, "invalid_request_error"
+
+
+class CompactNotServed(GatewayError):
+    """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
+    Codex does not retry it and compacts with an ordinary request instead."""
+
+    status, type, code = 404, "invalid_request_error", "compact_not_supported"
+
+
+def _chained(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The body with the stored context of its previous_response_id before its input (400 when it is unknown)."""
+    previous = body.get("previous_response_id")
+    if not previous:
+        return body
+    stored = gw.responses.get(previous, owner, gw.config.responses_store)
+    if stored is None:
+        error = adapters.previous_not_found(previous)
+        raise InvalidRequest(error.message, code=error.code, param=error.param)
+    return adapters.chain_input(list(stored.items), body)
+
+
+def _keeper(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+    """What stores a finished response (unless the client said store: false)."""
+    if body.get("store") is False:
+        return None
+    limits = gw.config.responses_store
+
+    def keep(response: dict[str, Any]) -> None:
+        gw.responses.put(owner, response, adapters.stored_items(body, response), limits)
+
+    return keep
+
+
+async def responses(request: Request) -> Response:
+    """POST /v1/responses: the face's flow, with previous_response_id resolved and the answer stored."""
+    request.state.face = face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = checked(face.validate, body)
+    owner = _digest(key.token)
+    body = _chained(gw, owner, body)
+    storing = adapters.ResponsesFace(_keeper(gw, owner, body))
+    record = _track(request, key, model)
+    return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
+
+
+def _stored_request(request: Request) -> tuple[Gateway, bytes, str]:
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    return gw, _digest(authenticate(request, gw.config).token), request.path_params["response_id"]
+
+
+async def get_response(request: Request) -> Response:
+    """"Get a model response": a stored one, for the key that made it."""
+    gw, owner, response_id = _stored_request(request)
+    found = gw.responses.get(response_id, owner, gw.config.responses_store)
+    if found is None:
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return _json_response(adapters.dumps(found.response))
+
+
+async def delete_response(request: Request) -> Response:
+    """"Delete a model response": {id, object: response.deleted, deleted: true}."""
+    gw, owner, response_id = _stored_request(request)
+    if not gw.responses.delete(response_id, owner, gw.config.responses_store):
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def compact_response(request: Request) -> Response:
+    """POST /v1/responses/compact: no channel of the gateway compacts yet (the Responses-native engine will pass it
+    through), so a clean 4xx in OpenAI's envelope after the usual key and model checks."""
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    model = checked(adapters.require_model, await read_json(request, gw.config.body_limit))
+    channels_for(gw, key, model)  # 403 / 404 as for any request
+    raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
+                           f"and none serves it; compact the conversation with an ordinary request instead.")
 
 
 # --- Stats routes and the request log ---
@@ -2405,7 +2801,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 async def stats_summary(request: Request) -> Response:
     gw = _admin(request)
     hours = _int_param(request, "hours", 24, 1, 24 * 366)
-    return JSONResponse(await gw.stats.summary(hours))
+    return JSONResponse({**await gw.stats.summary(hours), "instance": gw.instance})
 
 
 def _time_param(request: Request, name: str) -> float | None:
@@ -2453,7 +2849,7 @@ async def token_usage(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics; admin keys only, like /v1/stats (labels name providers and models, never keys)."""
     gw = _admin(request)
-    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling()))
+    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling())) + render_shared_metrics(gw)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -2574,33 +2970,34 @@ def _secrets_pattern(providers: Iterable[Provider], keys: Iterable[ApiKey]) -> r
 # --- Errors rendered in one place ---
 
 
-# Routes whose clients expect another API's error shape, by request path; all others get OpenAI's envelope.
-_ERROR_SHAPES: Final[Mapping[str, Callable[[str, int], dict[str, Any]]]] = MappingProxyType({
-    "/v1/messages": adapters.messages_error_body,
-    "/v1/messages/count_tokens": adapters.messages_error_body,
-})
+# Routes whose clients expect another API's error shape even before their handler ran (unknown method, ...).
+_FACE_BY_PATH: Final[Mapping[str, Face]] = MappingProxyType(
+    {"/v1/messages": adapters.FACES["messages"], "/v1/messages/count_tokens": adapters.FACES["messages"]})
 
 
-def _envelope(message: str, type_: str, code: str | None, status: int,
-              headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
-    shape = _ERROR_SHAPES.get(path)
-    body = shape(message, status) if shape else adapters.error_body(message, type_, code)
+def _envelope(request: Request, message: str, type_: str, code: str | None, status: int,
+              headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    """The error in the shape of the request's face (OpenAI's envelope where none was chosen yet)."""
+    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES["chat"]
+    body = face.error_body(message, status, type_, code)
+    if param is not None and isinstance(body.get("error"), dict) and "param" in body["error"]:
+        body["error"]["param"] = param
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
     path = request.url.path
     if isinstance(exc, GatewayError):
-        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers, path=path)
+        return _envelope(request, exc.message, exc.type, exc.code, exc.status, exc.headers, exc.param)
     if isinstance(exc, HTTPException):
         type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
-        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers, path=path)
+        return _envelope(request, str(exc.detail), type_, None, exc.status_code, exc.headers)
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)
     logger.exception("unexpected error on %s", path)
     record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
     headers = {"x-request-id": record.request_id} if record is not None else None
-    return _envelope("Internal error in the gateway.", "server_error", None, 500, headers, path=path)
+    return _envelope(request, "Internal error in the gateway.", "server_error", None, 500, headers)
 
 
 # --- App ---
@@ -2662,6 +3059,8 @@ async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.C
     except ConfigError as exc:
         logger.error("config reload failed, the running config stays: %s", exc)
         return False
+    if gateway.config.state != app.state.gateway.config.state:
+        logger.warning("config reload: changes to state: (shared state) take effect at the next start")
     app.state.gateway = gateway
     logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
     return True
@@ -2727,6 +3126,22 @@ async def config_reloading(app: Starlette, source: str | None, poll_s: float,
             await task
 
 
+def instance_id() -> str:
+    """$INSTANCE_ID, else hostname:pid: which worker or instance answered."""
+    return os.environ.get("INSTANCE_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def start_shared_state(options: StateOptions | None) -> SharedState | None:
+    """The Redis client for `state:`; an unreachable Redis is a warning, as on_error then decides each request."""
+    if options is None:
+        return None
+    shared = SharedState(options)
+    if await shared.ping():
+        logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
+                    options.prefix, options.on_error)
+    return shared
+
+
 async def _start_stats(stats: Stats) -> None:
     try:
         await stats.start()
@@ -2764,10 +3179,11 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         socks: dict[str, aiohttp.ClientSession] = {}
         stats = Stats(stats_options)
+        shared = await start_shared_state(config.state)
         try:
             await _start_stats(stats)
             base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
-                           TokenCache(session), socks, stats=stats)
+                           TokenCache(session), socks, stats=stats, shared=shared, instance=instance_id())
             try:
                 app.state.gateway = await build_gateway(config, base, socks)
             except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
@@ -2778,15 +3194,21 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
                 yield
         finally:
             await stats.close()
+            if shared is not None:
+                await shared.close()
             for open_session in (session, *socks.values()):
                 await open_session.close()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
+        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/compact", compact_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
         Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
         Route("/v1/moderations", json_endpoint("moderations", "omni-moderation-latest"), methods=["POST"]),
@@ -2888,6 +3310,125 @@ def _signals_exit_zero() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# --- Workers: one supervisor, N gateway processes accepting on one listening socket ---
+
+WORKER_RESTART_DELAY_S: Final = 1.0  # a worker that dies younger than this is replaced after this long
+_PR_SET_PDEATHSIG: Final = 1  # prctl(2)
+
+
+@dataclass(frozen=True, slots=True)
+class _Serve:
+    """What every worker serves: run()'s arguments plus the supervisor's listening socket."""
+
+    config: Config
+    host: str
+    port: int
+    source: str
+    grace_period: float
+    sock: socket.socket
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket all workers accept on, made before they are forked: a dying worker leaves it open, so no
+    connection is refused while its replacement starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def supervise(config: Config, host: str, port: int, source: str, grace_period: float, workers: int) -> int:
+    """Run `workers` gateway processes on one port: replace one that dies, forward SIGHUP (reload) to all, and
+    on SIGTERM/SIGINT forward SIGTERM so each drains within the grace period; returns 0 when all have ended."""
+    if not hasattr(os, "fork"):
+        print("error: --workers needs fork(), which this platform lacks", file=sys.stderr)
+        return STARTUP_FAILURE
+    try:
+        serve = _Serve(config, host, port, source, grace_period, listening_socket(host, port))
+        options = StatsOptions.from_env()
+        if options.path is not None:  # create and migrate it once, not in N workers at the same moment
+            StatsStore(options.path).close()
+    except (OSError, StatsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    supervisor = os.getpid()
+    children: dict[int, tuple[int, float]] = {}  # pid: (slot, started)
+    stopping: list[int] = []  # the stop signal, once one came
+
+    def forward(sig: int, frame: Any) -> None:
+        if os.getpid() != supervisor:  # a worker forked a moment ago, before it reset its handlers
+            return
+        if sig != signal.SIGHUP:
+            stopping.append(sig)
+            serve.sock.close()  # the workers' copies stay open until each has stopped accepting
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    try:
+        for slot in range(workers):
+            children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
+        while children:
+            pid, status = os.wait()
+            slot, born = children.pop(pid, (-1, 0.0))
+            if slot < 0 or stopping:
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
+                           os.waitstatus_to_exitcode(status))
+            if time.monotonic() - born < WORKER_RESTART_DELAY_S:
+                time.sleep(WORKER_RESTART_DELAY_S)
+            if not stopping:
+                children[_fork_worker(serve, slot, fresh=True)] = (slot, time.monotonic())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.sock.close()
+    return 0
+
+
+def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    """Fork worker `slot`; in the child, serve until stopped and exit, never returning here."""
+    pid = os.fork()
+    if pid:
+        logger.info("worker %d started (pid %d)", slot, pid)
+        return pid
+    code = 1
+    try:
+        code = _worker(serve, slot, fresh=fresh)
+    except SystemExit as exc:  # SIGTERM's graceful end (see _signals_exit_zero)
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        logger.exception("worker %d failed", slot)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes SIGHUP for reloads
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM to each
+    if sys.platform.startswith("linux"):  # end with the supervisor, even when it is killed outright
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if "INSTANCE_ID" in os.environ:
+        os.environ["INSTANCE_ID"] += f"/{slot}"
+    config = serve.config
+    if fresh:  # a replacement serves the config as it is now, as its siblings do after their reloads
+        try:
+            config = load_config(serve.source)
+        except ConfigError as exc:
+            logger.error("worker %d: config reload failed, serving the one the supervisor started with: %s", slot, exc)
+    return run(config, serve.host, serve.port, serve.source, serve.grace_period, serve.sock)
+
+
+
 # --- CLI ---
 
 
@@ -2912,25 +3453,64 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
+    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+                        help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
+    parser.add_argument("--allow-unshared-state", action="store_true",
+                        help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")
     return parser.parse_args(argv)
 
 
+def client_address(host: str, port: int) -> str:
+    """The base URL a client on this machine uses: a wildcard bind is reached through loopback."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/v1"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def startup_line(gw: Gateway, address: str, stats: StatsOptions) -> str:
+    """The one line a start prints once it listens: what runs, where to point clients, what was loaded."""
+    config = gw.config
+    return (f"uni-api {VERSION} serving {address} ({_plural(len(config.providers), 'provider')}, "
+            f"{_plural(len(gw.known_models), 'model')}, {_plural(len(config.api_keys), 'client key')}; "
+            f"stats: {stats.path or 'disabled'}; speedups: {', '.join(speedups()) or 'none'})")
+
+
+def warn_placeholders(config: Config) -> None:
+    for where in config.placeholders:
+        logger.warning("%s is still the example's placeholder (%s): put your own value there", where, PLACEHOLDER)
+
+
 def run(config: Config, host: str, port: int, source: str | None = None,
-        grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
+        grace_period: float = DEFAULT_GRACE_PERIOD, sock: socket.socket | None = None) -> int:
     """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
 
     SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
-    then cancel what is left and return 0.
+    then cancel what is left and return 0. Once listening it logs `startup_line`. A worker serves `sock`, the
+    supervisor's listening socket.
     """
     import uvicorn
 
-    app = create_app(config, source=source, stats_options=StatsOptions.from_env())
+    stats = StatsOptions.from_env()
+    app = create_app(config, source=source, stats_options=stats)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound and listening: say so, and where
+                logger.info("%s", startup_line(app.state.gateway, client_address(host, port), stats))
+
     protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
-    with _signals_exit_zero():
-        uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
-                    access_log=_debug(), lifespan="on", server_header=False, http=protocol,
-                    timeout_graceful_shutdown=grace_period)  # type: ignore[arg-type]  # uvicorn waits a float fine
-    return 0
+    server = Server(uvicorn.Config(
+        app, host=host, port=port, log_level="info" if _debug() else "warning", access_log=_debug(),
+        lifespan="on", server_header=False, http=protocol,
+        timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # uvicorn waits a float fine
+    warn_placeholders(config)
+    with _signals_exit_zero(), contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=None if sock is None else [sock])
+    return 0 if server.started else STARTUP_FAILURE  # as uvicorn.run exits when the start failed
 
 
 def _debug() -> bool:
@@ -2957,7 +3537,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if args.check_config else STARTUP_FAILURE
     if args.check_config:
         print(f"{source}: OK\n{summarize(config)}")
+        for where in config.placeholders:
+            print(f"warning: {where} is still the example's placeholder ({PLACEHOLDER})", file=sys.stderr)
         return 0
+    if args.workers > 1 and config.state is None and not args.allow_unshared_state:
+        print(f"error: --workers {args.workers} without shared state: each worker would keep its own rate limits"
+              f" (rate_limit 10/min would admit up to {10 * args.workers}/min), cooldowns and key benches. Set"
+              " state.redis_url in the config (or REDIS_URL), or pass --allow-unshared-state to accept that.",
+              file=sys.stderr)
+        return STARTUP_FAILURE
+    if args.workers > 1:
+        return supervise(config, args.host, args.port, source, args.grace_period, args.workers)
     return run(config, args.host, args.port, source, args.grace_period)
 
 
