@@ -10,13 +10,15 @@ References: OpenAI API reference "Responses" (Create a model response, Get, Dele
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import FakeClock, FakeUpstream, GatewayServer, Reply, completion, simple_config
+from conftest import FakeClock, FakeUpstream, GatewayServer, Reply, completion, simple_config, to_yaml
 from openai_schema import validate, validate_response, validate_response_event
 from pydantic import BaseModel
 from test_faults import ENGINES as RECORDED
@@ -474,10 +476,26 @@ def test_the_store_evicts_by_count_bytes_and_age() -> None:
 def test_responses_store_limits_are_read_from_preferences(upstream: FakeUpstream) -> None:
     config = simple_config(upstream)
     config["preferences"] = {"responses_store": {"max_count": 5, "max_bytes": "1MiB", "max_age": 30}}
-    from conftest import to_yaml
-
     parsed = uni_api.parse_config(to_yaml(config), "api.yaml")
     assert parsed.responses_store == uni_api.StoreLimits(5, 1024 * 1024, 30.0)
     config["preferences"] = {"responses_store": {"max_count": 5, "max_age": -1}}
     with pytest.raises(uni_api.ConfigError, match="preferences.responses_store.max_age"):
         uni_api.parse_config(to_yaml(config), "api.yaml")
+
+
+# --- Statistics: Responses requests are counted like chat requests ---
+
+
+def test_responses_requests_are_recorded_with_key_model_provider_and_tokens(
+        upstream: FakeUpstream, make_gateway: MakeGateway, tmp_path: Path) -> None:
+    db = tmp_path / "stats.db"
+    gateway = make_gateway(config_for("claude", upstream), stats_options=uni_api.StatsOptions(str(db)))
+    upstream.enqueue(claude_text(False))
+    upstream.enqueue(claude_text(True))
+    client(gateway).responses.create(model="m", input="hi")
+    stream_events(gateway, {"model": "m", "input": "hi"})
+    gateway.server_loop.run(gateway.state.stats.flush())
+    with sqlite3.connect(db) as connection:
+        found = connection.execute("SELECT key, model, provider, upstream_model, endpoint, status, prompt_tokens,"
+                                   " completion_tokens FROM requests ORDER BY id").fetchall()
+    assert found == [("sk-clie...", "m", "up0", "up-model", "POST /v1/responses", 200, 5, 2)] * 2
