@@ -2697,7 +2697,8 @@ class ResponseNotFound(GatewayError):
 
 class CompactNotServed(GatewayError):
     """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
-    Codex does not retry it and compacts with an ordinary request instead."""
+    a client does not retry it (Codex calls compact only for its built-in `openai` provider, codex-rs
+    compact.rs should_use_remote_compact_task; a custom provider compacts with an ordinary request)."""
 
     status, type, code = 404, "invalid_request_error", "compact_not_supported"
 
