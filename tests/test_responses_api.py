@@ -258,10 +258,13 @@ def test_a_tool_loop_round_trips_the_call_and_its_output(engine: str, stream: bo
     assert item["call_id"] in sent or engine == "gemini"  # Gemini pairs a result with its call by name
 
 
-def test_the_sdk_tool_loop_with_the_stream_helper_on_claude(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
-    upstream.enqueue(claude_call(True))
-    upstream.enqueue(claude_text(False))
-    gateway = make_gateway(config_for("claude", upstream))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_sdk_tool_loop_with_the_stream_helper(engine: str, upstream: FakeUpstream,
+                                                  make_gateway: MakeGateway) -> None:
+    _, text, call = ENGINES[engine]
+    upstream.enqueue(call(True))
+    upstream.enqueue(text(False))
+    gateway = make_gateway(config_for(engine, upstream))
     sdk = client(gateway)
     with sdk.responses.stream(model="m", input="Weather in Paris?", tools=[WEATHER]) as stream:
         first = stream.get_final_response()
@@ -270,7 +273,7 @@ def test_the_sdk_tool_loop_with_the_stream_helper_on_claude(upstream: FakeUpstre
     followup = sdk.responses.create(model="m", previous_response_id=first.id, tools=[WEATHER], input=[
         {"type": "function_call_output", "call_id": call.call_id, "output": "18C"}])
     assert followup.output_text == "Hello" and followup.previous_response_id == first.id
-    assert upstream.received[1].json["messages"] == [
+    assert engine != "claude" or upstream.received[1].json["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": PARIS}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
@@ -302,6 +305,40 @@ def test_claude_thinking_signature_round_trips_through_encrypted_content(upstrea
     assert upstream.received[1].json["messages"][1] == {"role": "assistant", "content": [
         {"type": "thinking", "thinking": "Need weather.", "signature": "SIG=="},
         {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": PARIS}]}
+
+
+def test_gemini_thoughts_stream_as_reasoning_before_the_text(upstream: FakeUpstream,
+                                                             make_gateway: MakeGateway) -> None:
+    thought = _gemini([{"text": "Counting.", "thought": True}])
+    del thought["candidates"][0]["finishReason"]
+    upstream.enqueue(Reply(sse=[thought, _gemini([{"text": "4"}])]))
+    gateway = make_gateway(config_for("gemini", upstream))
+    events = stream_events(gateway, {"model": "m", "input": "2+2?", "reasoning": {"effort": "low"}})
+    assert [e["type"] for e in events][2:7] == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done"]
+    reasoning, message = events[-1]["response"]["output"]
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Counting."}]
+    assert message["content"][0]["text"] == "4"
+    assert upstream.received[0].json["generationConfig"]["thinkingConfig"]["includeThoughts"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_by_max_tokens_is_incomplete(stream: bool, upstream: FakeUpstream,
+                                                   make_gateway: MakeGateway) -> None:
+    if stream:
+        upstream.enqueue(_claude_stream([[{"type": "text", "text": ""}, {"type": "text_delta", "text": "Hel"}]],
+                                        "max_tokens"))
+    else:
+        upstream.enqueue(_claude_message([{"type": "text", "text": "Hel"}], "max_tokens"))
+    gateway = make_gateway(config_for("claude", upstream))
+    body = {"model": "m", "input": "hi", "max_output_tokens": 16}
+    events = stream_events(gateway, body) if stream else []
+    final = events[-1]["response"] if stream else post(gateway, body).json()
+    validate_response(final)
+    assert (final["status"], final["incomplete_details"]) == ("incomplete", {"reason": "max_output_tokens"})
+    assert not stream or events[-1]["type"] == "response.incomplete"
+    assert upstream.received[0].json["max_tokens"] == 16
 
 
 # --- Structured outputs ---
