@@ -471,6 +471,24 @@ def test_previous_response_id_chains_and_get_and_delete_serve_stored_responses(u
                      "code": "previous_response_not_found"}
 
 
+def test_item_references_to_stored_output_items_are_resolved(upstream: FakeUpstream,
+                                                             make_gateway: MakeGateway) -> None:
+    upstream.enqueue(gpt_call(False))
+    upstream.enqueue(gpt_text(False))
+    gateway = make_gateway(config_for("gpt", upstream))
+    first = post(gateway, {"model": "m", "input": "Weather?", "tools": [WEATHER]}).json()
+    [call] = first["output"]
+    second = post(gateway, {"model": "m", "tools": [WEATHER], "input": [
+        {"role": "user", "content": "Weather?"}, {"type": "item_reference", "id": call["id"]},
+        {"type": "function_call_output", "call_id": call["call_id"], "output": "18C"}]})
+    validate_response(second.json())
+    assert upstream.received[1].json["messages"][1]["tool_calls"][0]["id"] == call["call_id"]
+    error = check_error(post(gateway, {"model": "m", "input": [{"type": "item_reference", "id": "fc_nope"}]}), 400)
+    assert error["message"] == "Item with id 'fc_nope' not found." and error["param"] == "input[0]"
+    other = post(gateway, {"model": "m", "input": [{"type": "item_reference", "id": call["id"]}]}, key="sk-other")
+    check_error(other, 400)
+
+
 def test_a_streamed_response_is_stored_and_store_false_is_not(upstream: FakeUpstream,
                                                               make_gateway: MakeGateway) -> None:
     upstream.enqueue(gpt_text(True))
@@ -506,8 +524,12 @@ def test_the_store_evicts_by_count_bytes_and_age() -> None:
     store.put(owner, {"id": "half", "text": "x" * 6_000}, [], limits)
     store.put(owner, {"id": "half2", "text": "x" * 6_000}, [], limits)
     assert store.get("half", owner, limits) is None and store.bytes <= 10_000
+    store.put(owner, {"id": "r", "output": [{"id": "msg_1", "type": "message"}]}, [], limits)
+    assert store.item("msg_1", owner, limits) == {"id": "msg_1", "type": "message"}
+    assert store.item("msg_1", b"other", limits) is None
     clock.advance(61)
     assert store.get("half2", owner, limits) is None and len(store) == 0 and store.bytes == 0
+    assert store.item("msg_1", owner, limits) is None
 
 
 def test_responses_store_limits_are_read_from_preferences(upstream: FakeUpstream) -> None:
