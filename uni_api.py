@@ -2786,8 +2786,9 @@ async def responses(request: Request) -> Response:
     body = await read_json(request, gw.config.body_limit)
     model = checked(face.validate, body)
     owner = _digest(key.token)
+    previous = body.get("previous_response_id")
     body = _chained(gw, owner, _dereferenced(gw, owner, body))
-    storing = adapters.ResponsesFace(_keeper(gw, owner, body))
+    storing = adapters.ResponsesFace(_keeper(gw, owner, body), previous)
     record = _track(request, key, model)
     return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
 
