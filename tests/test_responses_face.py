@@ -399,7 +399,12 @@ def test_an_empty_stream_still_opens_and_completes() -> None:
 def test_chaining_prepends_the_stored_input_and_output_items() -> None:
     first = {"model": "m", "input": "hi", "instructions": "Be brief."}
     response = FACE.from_chat(completion({"role": "assistant", "content": "Hello"}), first, "m")
-    chained = adapters.chain_input(adapters.stored_items(first, response), {"model": "m", "input": "again"})
+    chained = adapters.chain_input(adapters.stored_items(first, response),
+                                   {"model": "m", "input": "again", "previous_response_id": response["id"]})
+    assert "previous_response_id" not in chained  # resolved: no engine gets the gateway's own id
+    echoed = adapters.ResponsesFace(previous_response_id=response["id"]).from_chat(
+        completion({"role": "assistant", "content": "ok"}), chained, "m")
+    assert echoed["previous_response_id"] == response["id"]
     assert FACE.to_chat(chained)["messages"] == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "again"}]
