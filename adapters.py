@@ -2812,7 +2812,7 @@ def _check_values(body: Mapping[str, Any]) -> None:
 
 
 def _check_message(item: Mapping[str, Any], where: str) -> None:
-    if item.get("role") not in _INPUT_ROLES:
+    if not isinstance(item.get("role"), str) or item["role"] not in _INPUT_ROLES:
         raise RequestError(f"Invalid value for '{where}.role': {item.get('role')!r}.", f"{where}.role", "invalid_value")
     _check_parts(item.get("content"), f"{where}.content")
 
@@ -2854,6 +2854,7 @@ def _check_items(body: Mapping[str, Any]) -> None:
     for i, item in enumerate(items if isinstance(items, list) else ()):
         if not isinstance(item, dict):
             raise RequestError(f"Invalid type for 'input[{i}]': expected an object.", f"input[{i}]", "invalid_type")
+        _check_type(item.get("type"), (str,), f"input[{i}].type")
         check = _INPUT_CHECKS.get(item.get("type") or ("message" if "role" in item else ""))
         if check is None and not isinstance(item.get("type"), str):
             raise RequestError(f"Missing required parameter: 'input[{i}].type'.", f"input[{i}].type",

@@ -98,6 +98,8 @@ def test_a_full_request_as_the_sdk_sends_it_is_valid_and_names_its_model() -> No
     ({"input": 5}, "input"),
     ({"input": ["hi"]}, "input[0]"),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "hi"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": 7}]}, "input[0].content"),
     ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
