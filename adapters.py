@@ -3103,12 +3103,13 @@ def to_chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_responses_usage(usage: Any) -> dict[str, Any]:
-    """CompletionUsage as ResponseUsage (cache writes are not reported through chat, so 0)."""
+    """CompletionUsage as ResponseUsage; cache writes are Claude's, reported as cache_creation_input_tokens."""
     usage = usage if isinstance(usage, Mapping) else {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    written = int(usage.get("cache_creation_input_tokens") or 0)
     reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
             "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
 
@@ -3117,9 +3118,13 @@ def from_responses_usage(usage: Any) -> dict[str, Any] | None:
     """ResponseUsage as CompletionUsage, for the gateway's stats."""
     if not isinstance(usage, Mapping):
         return None
-    return build_usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0),
-                       cached=(usage.get("input_tokens_details") or {}).get("cached_tokens"),
-                       reasoning=(usage.get("output_tokens_details") or {}).get("reasoning_tokens"))
+    details = usage.get("input_tokens_details") or {}
+    converted = build_usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0),
+                            cached=details.get("cached_tokens"),
+                            reasoning=(usage.get("output_tokens_details") or {}).get("reasoning_tokens"))
+    if details.get("cache_write_tokens"):
+        converted["cache_creation_input_tokens"] = int(details["cache_write_tokens"])
+    return converted
 
 
 def _echo_tool(tool: Mapping[str, Any]) -> dict[str, Any]:

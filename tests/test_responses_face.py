@@ -282,6 +282,14 @@ def test_a_cut_answer_is_an_incomplete_response_with_its_reason(finish: str, rea
     assert (response["status"], response["incomplete_details"]) == ("incomplete", {"reason": reason})
 
 
+def test_claude_cache_writes_are_cache_write_tokens() -> None:
+    answer = completion({"role": "assistant", "content": "Hi"})
+    answer["usage"]["cache_creation_input_tokens"] = 7
+    response = FACE.from_chat(answer, {"model": "m"}, "m")
+    assert response["usage"]["input_tokens_details"] == {"cached_tokens": 3, "cache_write_tokens": 7}
+    assert adapters.from_responses_usage(response["usage"])["cache_creation_input_tokens"] == 7
+
+
 def test_a_refusal_is_a_refusal_content_part() -> None:
     response = FACE.from_chat(completion({"role": "assistant", "content": None, "refusal": "No."}), {"model": "m"}, "m")
     validate_response(response)
