@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai_schema import validate, validate_response, validate_response_event
 
 import adapters
@@ -457,3 +459,35 @@ def test_a_native_answer_shows_the_alias_and_reports_its_usage() -> None:
                       "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}}).encode()
     sent, usage = FACE.native_answer(raw, "alias")
     assert json.loads(sent)["model"] == "alias" and usage == adapters.build_usage(3, 1)
+
+
+# --- Any body: a 400 naming a field, never a crash ---
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+_FIELDS = st.sampled_from(["input", "instructions", "tools", "tool_choice", "reasoning", "text", "include",
+                           "metadata", "temperature", "max_output_tokens", "stream", "store", "user"])
+_ITEM = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"])
+    | _JSON,
+    "role": st.sampled_from(["user", "assistant", "system", "developer"]) | _JSON,
+    "content": _JSON | st.lists(st.fixed_dictionaries({"type": st.sampled_from(
+        ["input_text", "output_text", "input_image", "input_file", "refusal"])}, optional={
+        "text": _JSON, "image_url": _JSON, "file_data": _JSON}), max_size=2),
+    "call_id": _JSON, "name": _JSON, "arguments": _JSON, "output": _JSON, "encrypted_content": _JSON})
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(_FIELDS, _JSON, max_size=4), items=st.lists(_ITEM, max_size=4))
+def test_any_body_is_taken_or_refused_with_a_400(fields: dict[str, Any], items: list[dict[str, Any]]) -> None:
+    body = {"model": "m", "input": items, **fields}
+    try:
+        FACE.validate(body)
+    except adapters.RequestError as refused:
+        assert refused.param
+        return
+    try:
+        FACE.to_chat(body)
+    except adapters.UpstreamError as refused:
+        assert refused.status == 400
