@@ -44,7 +44,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from email.parser import BytesParser
@@ -207,6 +207,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """preferences.responses_store: how many stored responses (POST /v1/responses with store) are kept, in all
+    bytes and for how long; the oldest go first. In memory only: a restart forgets them."""
+
+    max_count: int = 1000
+    max_bytes: int = 64 * 1024 * 1024
+    max_age: float = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class StateOptions:
     """`state:`: the Redis (or Valkey) where workers and instances share rate windows, cooldowns and benches."""
 
@@ -230,6 +240,7 @@ class Config:
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
+    responses_store: StoreLimits = StoreLimits()
     placeholders: tuple[str, ...] = ()  # "file:line: key path" of each value left as api.yaml.example's
     state: StateOptions | None = None  # None: this process's memory holds all scheduling state
 
@@ -381,7 +392,7 @@ _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
 _STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
-                        "max_body_size", "request_timeout", "prompt_cache")
+                        "max_body_size", "request_timeout", "prompt_cache", "responses_store")
 PROMPT_CACHE_MODES: Final = ("off", "auto")  # auto: cache breakpoints added for Claude channels (adapters)
 
 
@@ -449,6 +460,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
+        responses_store=_store_limits(prefs.mapping("responses_store")),
         placeholders=placeholders,
         state=_parse_state(root, env_redis_url),
     )
@@ -615,6 +627,17 @@ def _size(node: _Node, key: str, default: int) -> int:
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise node.error("expected a size such as 32MiB or a number of bytes", key)
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _store_limits(node: _Node | None) -> StoreLimits:
+    if node is None:
+        return StoreLimits()
+    node.check_keys(("max_count", "max_bytes", "max_age"))
+    default = StoreLimits()
+    count = node.get("max_count", int, default.max_count)
+    if count < 0:
+        raise node.error("expected a number of responses >= 0", "max_count")
+    return StoreLimits(count, _size(node, "max_bytes", default.max_bytes), _seconds(node, "max_age", default.max_age))
 
 
 def _proxy(node: _Node, key: str) -> str | None:
@@ -1365,6 +1388,78 @@ class AdminRequired(GatewayError):
 # --- Gateway state and transport ---
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    owner: bytes  # digest of the key that made it: only that key reads or deletes it
+    response: Mapping[str, Any]  # the response object as its client got it
+    items: tuple[Any, ...]  # its input (previous context included) and output items: what a chained request continues
+    size: int
+    stored_at: float
+
+
+class ResponseStore:
+    """Recent responses for previous_response_id, item_reference inputs and GET / DELETE /v1/responses/{id}, capped
+    by StoreLimits (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the
+    current limits."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._bytes = 0
+        self._items: dict[str, str] = {}  # output item id -> the stored response holding it
+
+    def put(self, owner: bytes, response: Mapping[str, Any], items: Sequence[Any], limits: StoreLimits) -> None:
+        size = len(adapters.dumps(response)) + len(adapters.dumps(list(items)))
+        self._pop(str(response["id"]))
+        if size > limits.max_bytes or not limits.max_count:
+            return
+        self._entries[str(response["id"])] = StoredResponse(owner, response, tuple(items), size, self._clock())
+        self._items.update((str(item["id"]), str(response["id"])) for item in _output_items(response))
+        self._bytes += size
+        self._evict(limits)
+
+    def item(self, item_id: str, owner: bytes, limits: StoreLimits) -> Mapping[str, Any] | None:
+        """An output item of a stored response, by its id (what an item_reference input names)."""
+        found = self.get(self._items.get(item_id, ""), owner, limits)
+        return next((item for item in _output_items(found.response) if item["id"] == item_id), None) if found else None
+
+    def get(self, response_id: str, owner: bytes, limits: StoreLimits) -> StoredResponse | None:
+        self._evict(limits)
+        found = self._entries.get(response_id)
+        return found if found is not None and hmac.compare_digest(found.owner, owner) else None
+
+    def delete(self, response_id: str, owner: bytes, limits: StoreLimits) -> bool:
+        return self.get(response_id, owner, limits) is not None and self._pop(response_id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def _pop(self, response_id: str) -> bool:
+        gone = self._entries.pop(response_id, None)
+        if gone is not None:
+            self._bytes -= gone.size
+            for item in _output_items(gone.response):
+                self._items.pop(str(item["id"]), None)
+        return gone is not None
+
+    def _evict(self, limits: StoreLimits) -> None:
+        oldest = self._clock() - limits.max_age
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if (len(self._entries) <= limits.max_count and self._bytes <= limits.max_bytes
+                    and first.stored_at > oldest):
+                return
+            self._pop(next(iter(self._entries)))
+
+
+def _output_items(response: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    return (item for item in response.get("output") or () if isinstance(item, Mapping) and item.get("id"))
+
+
 @dataclass(slots=True)
 class Gateway:
     """Per-app runtime state, owned by the lifespan.
@@ -1384,6 +1479,7 @@ class Gateway:
     recent: AttemptStats = field(default_factory=lambda: AttemptStats())
     loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
     stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored responses, kept across reloads
     shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
     instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
 
@@ -2280,6 +2376,9 @@ def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -
     statuses = {error.status for _, error in failures}
     status = 504 if statuses <= {504} else 503 if statuses <= {429, 503} else 502  # none tried: out of time
     reasons = "; ".join(f"{c.provider}/{c.upstream_model}: {e}" for c, e in failures) or "no channel was tried"
+    if statuses == {400}:  # every channel refused the request as converted for it (a hosted tool, ...): the client's
+        return AllChannelsFailed(f"No channel for '{model}' can take this request: {reasons}", status=400,
+                                 type_="invalid_request_error")
     return AllChannelsFailed(f"All channels failed for '{model}': {reasons}", status=status)
 
 
@@ -2659,6 +2758,111 @@ async def count_tokens(request: Request) -> Response:
     if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
         return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
     return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
+
+
+# --- OpenAI Responses: the store behind previous_response_id, GET / DELETE, compact ---
+
+
+class ResponseNotFound(GatewayError):
+    status, type = 404, "invalid_request_error"
+
+
+class CompactNotServed(GatewayError):
+    """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
+    a client does not retry it (Codex calls compact only for its built-in `openai` provider, codex-rs
+    compact.rs should_use_remote_compact_task; a custom provider compacts with an ordinary request)."""
+
+    status, type, code = 404, "invalid_request_error", "compact_not_supported"
+
+
+def _chained(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The body with the stored context of its previous_response_id before its input (400 when it is unknown)."""
+    previous = body.get("previous_response_id")
+    if not previous:
+        return body
+    stored = gw.responses.get(previous, owner, gw.config.responses_store)
+    if stored is None:
+        error = adapters.previous_not_found(previous)
+        raise InvalidRequest(error.message, code=error.code, param=error.param)
+    return adapters.chain_input(list(stored.items), body)
+
+
+def _dereferenced(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """item_reference inputs replaced by the stored items they name (the AI SDK sends earlier answers so when
+    `store` is on); one the store does not hold gets OpenAI's 400."""
+    items = body.get("input")
+    if not isinstance(items, list) or not any(item.get("type") == "item_reference" for item in items):
+        return body
+    resolved = []
+    for i, item in enumerate(items):
+        found = gw.responses.item(str(item.get("id")), owner, gw.config.responses_store) if item.get(
+            "type") == "item_reference" else item
+        if found is None:
+            raise InvalidRequest(f"Item with id '{item.get('id')}' not found.", param=f"input[{i}]")
+        resolved.append(found)
+    return {**body, "input": resolved}
+
+
+def _keeper(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+    """What stores a finished response (unless the client said store: false)."""
+    if body.get("store") is False:
+        return None
+    limits = gw.config.responses_store
+
+    def keep(response: dict[str, Any]) -> None:
+        gw.responses.put(owner, response, adapters.stored_items(body, response), limits)
+
+    return keep
+
+
+async def responses(request: Request) -> Response:
+    """POST /v1/responses: the face's flow, with previous_response_id resolved and the answer stored."""
+    request.state.face = face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = checked(face.validate, body)
+    owner = _digest(key.token)
+    previous = body.get("previous_response_id")
+    body = _chained(gw, owner, _dereferenced(gw, owner, body))
+    storing = adapters.ResponsesFace(_keeper(gw, owner, body), previous)
+    record = _track(request, key, model)
+    return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
+
+
+def _stored_request(request: Request) -> tuple[Gateway, bytes, str]:
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    return gw, _digest(authenticate(request, gw.config).token), request.path_params["response_id"]
+
+
+async def get_response(request: Request) -> Response:
+    """"Get a model response": a stored one, for the key that made it."""
+    gw, owner, response_id = _stored_request(request)
+    found = gw.responses.get(response_id, owner, gw.config.responses_store)
+    if found is None:
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return _json_response(adapters.dumps(found.response))
+
+
+async def delete_response(request: Request) -> Response:
+    """"Delete a model response": {id, object: response.deleted, deleted: true}."""
+    gw, owner, response_id = _stored_request(request)
+    if not gw.responses.delete(response_id, owner, gw.config.responses_store):
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def compact_response(request: Request) -> Response:
+    """POST /v1/responses/compact: no channel of the gateway compacts yet (the Responses-native engine will pass it
+    through), so a clean 4xx in OpenAI's envelope after the usual key and model checks."""
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    model = checked(adapters.require_model, await read_json(request, gw.config.body_limit))
+    channels_for(gw, key, model)  # 403 / 404 as for any request
+    raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
+                           f"and none serves it; compact the conversation with an ordinary request instead.")
 
 
 # --- Stats routes and the request log ---
@@ -3094,6 +3298,10 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
         Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/compact", compact_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
         Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
         Route("/v1/moderations", json_endpoint("moderations", "omni-moderation-latest"), methods=["POST"]),
