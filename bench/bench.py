@@ -417,11 +417,32 @@ def _aws_events(n: int) -> list[tuple[str, str]]:
     return [("chunk", data) for _, data in _claude_events(n)]
 
 
+def _responses_events(n: int) -> list[tuple[str, str]]:
+    """A Responses API stream ("Streaming events"): created, in_progress, one message item's text deltas, the
+    item's closing events and response.completed."""
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    item = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n + 9}
+    head = [{"type": "response.created", "response": {"id": "resp_1", "created_at": 1, "status": "in_progress"}},
+            {"type": "response.in_progress", "response": {"id": "resp_1", "status": "in_progress"}},
+            {"type": "response.output_item.added", "output_index": 0, "item": item},
+            {"type": "response.content_part.added", **where, "part": part}]
+    tail = [{"type": "response.output_text.done", **where, "text": "", "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": {**item, "status": "completed"}},
+            {"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "usage": usage}}]
+    delta = {"type": "response.output_text.delta", **where, "delta": " tok", "logprobs": []}
+    events = head + [delta] * max(0, n - len(head) - len(tail)) + tail
+    return [(e["type"], json.dumps({**e, "sequence_number": i})) for i, e in enumerate(events)]
+
+
 # Representative upstream events per engine (first the recorded fixture where tests/fixtures has one).
 ENGINE_EVENTS = {"gpt": _openai_events, "openrouter": _openai_events, "azure": _openai_events,
                  "cohere": _cohere_events, "cloudflare": _cloudflare_events, "claude": _claude_events,
                  "vertex-claude": _claude_events, "aws": _aws_events, "gemini": _gemini_events,
-                 "vertex-gemini": _gemini_events}
+                 "vertex-gemini": _gemini_events, "responses": _responses_events}
 
 
 def _sse_bytes(events: list[tuple[str, str]]) -> bytes:
