@@ -2332,7 +2332,7 @@ def _responses_finish(response: Mapping[str, Any], called: bool) -> str:
 
 
 @dataclass(slots=True)
-class _ResponsesStream:
+class _ResponsesChunks:
     """One Responses stream being converted: output items -> tool-call indexes, arguments sent so far."""
 
     chunks: _Chunks
@@ -2404,29 +2404,29 @@ class _ResponsesStream:
         raise responses_error(event, "the upstream stream failed")
 
 
-def _delta_of(name: str) -> Callable[[_ResponsesStream, Mapping[str, Any]], dict[str, Any] | None]:
+def _delta_of(name: str) -> Callable[[_ResponsesChunks, Mapping[str, Any]], dict[str, Any] | None]:
     return lambda state, event: {name: event["delta"]} if event.get("delta") else None
 
 
 # "Streaming events": the ones that carry something a chat chunk has; the rest (content_part.*, *.done,
 # in_progress, annotation_added, hosted tools' progress) carry nothing new for it.
 _RESPONSES_STREAM_HANDLERS: Final[
-    Mapping[str, Callable[[_ResponsesStream, Mapping[str, Any]], dict[str, Any] | None]]
+    Mapping[str, Callable[[_ResponsesChunks, Mapping[str, Any]], dict[str, Any] | None]]
 ] = MappingProxyType({
-    "response.created": _ResponsesStream.on_created,
-    "response.output_item.added": _ResponsesStream.on_item_added,
-    "response.output_item.done": _ResponsesStream.on_item_done,
+    "response.created": _ResponsesChunks.on_created,
+    "response.output_item.added": _ResponsesChunks.on_item_added,
+    "response.output_item.done": _ResponsesChunks.on_item_done,
     "response.output_text.delta": _delta_of("content"),
     "response.refusal.delta": _delta_of("refusal"),
-    "response.reasoning_summary_part.added": _ResponsesStream.on_summary_part,
+    "response.reasoning_summary_part.added": _ResponsesChunks.on_summary_part,
     "response.reasoning_summary_text.delta": _delta_of("reasoning_content"),
     "response.reasoning_text.delta": _delta_of("reasoning_content"),
-    "response.function_call_arguments.delta": _ResponsesStream.on_arguments,
-    "response.custom_tool_call_input.delta": _ResponsesStream.on_custom_input,
-    "response.completed": _ResponsesStream.on_end,
-    "response.incomplete": _ResponsesStream.on_end,
-    "response.failed": _ResponsesStream.on_failed,
-    "error": _ResponsesStream.on_error,
+    "response.function_call_arguments.delta": _ResponsesChunks.on_arguments,
+    "response.custom_tool_call_input.delta": _ResponsesChunks.on_custom_input,
+    "response.completed": _ResponsesChunks.on_end,
+    "response.incomplete": _ResponsesChunks.on_end,
+    "response.failed": _ResponsesChunks.on_failed,
+    "error": _ResponsesChunks.on_error,
 })
 
 
@@ -2462,7 +2462,7 @@ class ResponsesAdapter(Adapter):
     ) -> AsyncIterator[dict[str, Any]]:
         """Events until the terminal one (response.completed or .incomplete); response.failed and `error`
         raise, so a failure before the first chunk moves on to the next channel."""
-        state = _ResponsesStream(_Chunks(model, created))
+        state = _ResponsesChunks(_Chunks(model, created))
         async for event in events:
             data = _load_event(event)
             handler = _RESPONSES_STREAM_HANDLERS.get(data.get("type"))
