@@ -2478,6 +2478,16 @@ class ResponsesAdapter(Adapter):
             yield chunk
 
 
+class ResponsesNativeAdapter(ResponsesAdapter):
+    """A Responses request sent to a Responses upstream as it came, but for the model name (and the tools, for a
+    provider with `tools: false`); its answer is relayed by the Responses face."""
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        stripped = ("tools", "tool_choice", "parallel_tool_calls") if not target.provider.tools else ()
+        request = {name: value for name, value in body.items() if name not in stripped}
+        return self.apply_overrides({**request, "model": target.upstream_model}, target)
+
+
 _OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = (CohereAdapter(), CloudflareAdapter())
 
 ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(

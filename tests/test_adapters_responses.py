@@ -403,3 +403,13 @@ def test_embeddings_and_models_of_a_responses_provider_sit_next_to_responses(
     client = make_gateway(responses_config(upstream)).client("sk-client")
     assert client.embeddings.create(model="codex", input="hi").data[0].embedding == [0.1, 0.2]
     assert upstream.received[-1].path == "/v1/embeddings"
+
+
+def test_native_adapter_sends_a_responses_body_as_it_came_with_the_upstream_model() -> None:
+    native = adapters.ResponsesNativeAdapter()
+    body = {"model": "codex", "input": "hi", "tools": [{"type": "web_search"}], "include": ["x"], "stream": True}
+    request = native.build_request(body, TARGET)
+    assert request.url == "https://api.openai.com/v1/responses" and request.stream
+    assert request.json == {**body, "model": "gpt-4.1-2025-04-14"}
+    without_tools = Target(Provider("r", "responses", PROVIDER.base_url, tools=False), "m", "k")
+    assert "tools" not in native.payload(body, without_tools)
