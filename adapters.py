@@ -299,6 +299,7 @@ class Adapter:
     endpoints: ClassVar[frozenset[str]] = frozenset(_OPENAI_PATHS)
     default_base_url: ClassVar[str] = ""
     inline_images: ClassVar[bool] = False  # True: the gateway fetches http image URLs into data URIs first
+    client_headers: ClassVar[tuple[str, ...]] = ()  # forwarded from the client on a face's passthrough
 
     # Request side
 
@@ -2495,6 +2496,146 @@ ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(
                             ResponsesAdapter())}
 )
 
+# --- Faces: the client APIs ---
+# A face is one API clients speak (OpenAI chat, Anthropic Messages, ...). It checks a request's shape, turns it into
+# an OpenAI chat request for the adapters, and renders the answer, the stream and errors back in its own format.
+# Engines that speak the face natively (`native`) get the body as sent and their answer is relayed as it came.
+# uni_api.py knows faces only through FACES, at the end of the inbound sections.
+
+
+class RequestError(Exception):
+    """A request the face cannot take: answered 400 in the face's error shape; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class FaceStream:
+    """OpenAI chat chunks rendered as one face's stream, as framed bytes; one per request."""
+
+    media_type: ClassVar[str] = "text/event-stream"
+
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        """The frames of a normal end (the face's terminal event)."""
+        raise NotImplementedError
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        """The frames that end a stream failing after its commit, in the face's error shape."""
+        raise NotImplementedError
+
+
+class NativeStream:
+    """A native upstream's events relayed as they came; `usage` (OpenAI-shaped) and `done` are read by the relay."""
+
+    usage: dict[str, Any] | None = None
+    done: bool = False
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        """The event's frame; an error event first in the stream raises UpstreamError, so another channel can try."""
+        raise NotImplementedError
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        raise NotImplementedError
+
+
+class Face:
+    """A client API. `to_chat` may raise UpstreamError(400, retryable=True) for what only a native engine serves."""
+
+    name: ClassVar[str]
+    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        """Shape checks the conversions rely on; returns the model alias or raises RequestError."""
+        raise NotImplementedError
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        raise NotImplementedError
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
+        return error_body(message, type_, code)
+
+    def is_stream(self, body: Mapping[str, Any]) -> bool:
+        return bool(body.get("stream"))
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The text of the last user turn, for moderation: a string content, or its text parts joined."""
+        for message in reversed(body.get("messages") or ()):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    return "\n".join(part["text"] for part in content if isinstance(part, dict)
+                                     and part.get("type") == "text" and isinstance(part.get("text"), str))
+                return content if isinstance(content, str) else ""
+        return ""
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        """A native upstream's whole answer as sent to the client, and its usage in OpenAI's shape."""
+        raise NotImplementedError
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        raise NotImplementedError
+
+
+def require_model(body: Mapping[str, Any], default: str | None = None) -> str:
+    model = body.get("model", default)
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a non-empty string.", "model", "invalid_model")
+    return model
+
+
+class _ChatStream(FaceStream):
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        return [sse_frame(chunk)]
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        return [sse_frame(error_body(message, "upstream_error", "stream_interrupted")), SSE_DONE]
+
+
+_CHAT_STREAM: Final = _ChatStream()  # stateless, so one serves every request
+
+
+class ChatFace(Face):
+    """OpenAI Chat Completions, the gateway's own format: conversions are the identity."""
+
+    name = "chat"
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        model = require_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' is required and must be a non-empty array.", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise RequestError(f"'messages[{i}]' must be an object with a string 'role'.", f"messages[{i}]")
+        if not isinstance(body.get("stream", False), bool):
+            raise RequestError("'stream' must be a boolean.", "stream")
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise RequestError("'stream_options' must be an object.", "stream_options")
+        return model
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return body  # type: ignore[return-value]  # read only, as every face's chat request is
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return completion
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        return _CHAT_STREAM
+
+
 # --- Anthropic Messages inbound ---
 # Clients of Anthropic's Messages API (Claude Code, the anthropic SDKs) reach every channel: a channel speaking that
 # API gets the body as sent (MESSAGES_PASSTHROUGH); for any other the request becomes an OpenAI chat request and
@@ -2721,8 +2862,9 @@ def to_messages_response(completion: Mapping[str, Any], model: str,
 
 
 @dataclass
-class _MessagesStream:
-    """OpenAI chunks becoming "Streaming Messages" events: one block open at a time, indexes in order."""
+class _MessagesStream(FaceStream):
+    """OpenAI chunks becoming "Streaming Messages" events: message_start, content_block_start / _delta / _stop per
+    block (one open at a time, indexes in order), message_delta with stop_reason and usage, message_stop."""
 
     model: str
     stop_sequences: tuple[str, ...] = ()
@@ -2732,6 +2874,7 @@ class _MessagesStream:
     called: bool = False
     finish: Mapping[str, Any] = field(default_factory=dict)  # the choice that carried finish_reason
     usage: Any = None
+    started: bool = False
 
     def start(self) -> dict[str, Any]:
         message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.model, "content": [],
@@ -2766,7 +2909,12 @@ class _MessagesStream:
                            "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
         return events
 
-    def on_chunk(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        events = [] if self.started else [self.start()]
+        self.started = True
+        return [event_frame(event) for event in events + self.chunk_events(chunk)]
+
+    def chunk_events(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
         self.usage = chunk.get("usage") or self.usage
         events: list[dict[str, Any]] = []
         for choice in chunk.get("choices") or ():
@@ -2782,24 +2930,25 @@ class _MessagesStream:
             self.finish = choice if choice.get("finish_reason") else self.finish
         return events
 
-    def end(self) -> list[dict[str, Any]]:
+    def end(self) -> list[bytes]:
         stop_reason, stop_sequence = _messages_stop(self.finish, self.called, self.stop_sequences)
-        return [*self.close(), {"type": "message_delta", "delta": {"stop_reason": stop_reason,
-                                                                    "stop_sequence": stop_sequence},
-                                "usage": to_messages_usage(self.usage)}, {"type": "message_stop"}]
+        events = [*self.close(), {"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                                      "stop_sequence": stop_sequence},
+                                  "usage": to_messages_usage(self.usage)}, {"type": "message_stop"}]
+        return [event_frame(event) for event in events]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        """"Errors": an error event may arrive mid-stream; it is the stream's last."""
+        return [event_frame(messages_error_body(message, status))]
 
 
-async def iter_messages_events(chunks: AsyncIterator[dict[str, Any]], model: str,
-                             stop_sequences: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
-    """OpenAI chunks as the "Streaming Messages" flow: message_start, content_block_start / _delta / _stop per
-    block, message_delta with stop_reason and usage, message_stop."""
-    state = _MessagesStream(model, stop_sequences)
-    yield state.start()
-    async for chunk in chunks:
-        for event in state.on_chunk(chunk):
-            yield event
-    for event in state.end():
-        yield event
+def messages_frame(name: str, data: bytes) -> bytes:
+    """One "Streaming Messages" event; a data value spanning lines keeps one `data:` field per line."""
+    return b"event: " + name.encode() + b"\ndata: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
+
+
+def event_frame(event: Mapping[str, Any]) -> bytes:
+    return messages_frame(str(event["type"]), dumps(event))
 
 
 def rename_model(raw: bytes, model: str) -> bytes:
@@ -2844,7 +2993,7 @@ class MessagesAdapter(ClaudeAdapter):
     """A Messages API body sent as it came: only the engine's envelope changes (the model, or for Vertex and
     Bedrock anthropic_version in its place). The variants below inherit it."""
 
-    client_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)  # forwarded from the client
+    client_headers = ("anthropic-beta",)
     counts_tokens: ClassVar[bool] = True
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
@@ -2872,6 +3021,106 @@ MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(
     {a.engine: a for a in (MessagesAdapter(), VertexMessagesAdapter(), BedrockMessagesAdapter())}
 )
 COUNTING_ENGINES: Final = frozenset(engine for engine, a in MESSAGES_PASSTHROUGH.items() if a.counts_tokens)
+
+# "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
+# cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
+_USAGE_PATHS: Final = MappingProxyType({"message": ("usage",), "message_start": ("message", "usage"),
+                                        "message_delta": ("usage",)})
+
+
+def _native_usage(name: str, data: bytes | str) -> Mapping[str, Any] | None:
+    path = _USAGE_PATHS.get(name)
+    if path is None:
+        return None
+    try:
+        found: Any = loads(data)
+        for step in path:
+            found = found.get(step)
+    except (ValueError, AttributeError, RecursionError):  # not JSON, or not the documented shape: nothing to count
+        return None
+    return found if isinstance(found, Mapping) else None
+
+
+@dataclass
+class _MessagesNative(NativeStream):
+    """A Messages-speaking channel's stream: relayed as sent but for message_start's model; usage noted."""
+
+    model: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    first: bool = True
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        name = first_messages_event(event) if self.first else messages_event_name(event)
+        self.first = False
+        found = _native_usage(name, event.data)
+        if found is not None:
+            self.counts.update((k, v) for k, v in found.items() if v is not None)
+            self.usage = claude_usage(self.counts)
+        self.done = name in ("message_stop", "error")
+        data = event.data.encode()
+        return messages_frame(name, rename_model(data, self.model) if name == "message_start" else data)
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        return [event_frame(messages_error_body(message, status))]
+
+
+def _validate_blocks(body: Mapping[str, Any]) -> None:
+    for i, message in enumerate(body["messages"]):
+        if message["role"] not in ("user", "assistant") or not _blocks_ok(message.get("content")):
+            raise RequestError(f"'messages[{i}]' needs role 'user' or 'assistant' and content that is a string "
+                               "or an array of content blocks.", f"messages[{i}]")
+    if body.get("system") is not None and not _blocks_ok(body["system"]):
+        raise RequestError("'system' must be a string or an array of text blocks.", "system")
+    for name in ("tools", "stop_sequences"):
+        if not isinstance(body.get(name) or [], list):
+            raise RequestError(f"'{name}' must be an array.", name)
+    for name in ("tool_choice", "thinking", "output_config"):
+        if not isinstance(body.get(name) or {}, dict):
+            raise RequestError(f"'{name}' must be an object.", name)
+
+
+def _blocks_ok(content: Any) -> bool:
+    return isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
+
+
+class MessagesFace(Face):
+    """Anthropic's Messages API (Claude Code, the anthropic SDKs); errors in Anthropic's shape."""
+
+    name = "messages"
+    native = MESSAGES_PASSTHROUGH
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        model = _CHAT.validate(body)
+        _validate_blocks(body)
+        return model
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return from_messages_request(body)
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return to_messages_response(completion, model, tuple(body.get("stop_sequences") or ()))
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        return _MessagesStream(model, tuple(body.get("stop_sequences") or ()))
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
+        return messages_error_body(message, status)
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        found = _native_usage("message", raw)
+        return rename_model(raw, model), None if found is None else claude_usage(found)
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        return _MessagesNative(model)
+
+
+_CHAT: Final = ChatFace()
+
+# --- The faces, by name (uni_api.py's routes pick theirs here) ---
+
+FACES: Final[Mapping[str, Face]] = MappingProxyType({face.name: face for face in (_CHAT, MessagesFace())})
 
 # --- Engine inference ---
 
