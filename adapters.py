@@ -48,6 +48,7 @@ except ImportError:  # the universal .pex carries no compiled modules
     JSONDecodeError = ValueError
 
 Endpoint = Literal["chat", "embeddings", "images", "transcriptions", "speech", "moderations", "models"]
+StreamFormat = Literal["sse", "aws"]
 
 # --- Records ---
 
@@ -182,17 +183,23 @@ def build_chunk(
     chunk_id: str,
     model: str,
     created: int,
-    delta: dict[str, Any],
+    delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
+    *,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One `chat.completion.chunk` with a single choice (CreateChatCompletionStreamResponse)."""
+    """One `chat.completion.chunk` (CreateChatCompletionStreamResponse): one choice, or none when `delta` is
+    None. Every engine's chunks come from here. `created` 0 means the provider gave no timestamp: the gateway
+    stamps the request's time on it (uni_api._stamp), as adapters never read the clock."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]
     chunk: dict[str, Any] = {
         "id": chunk_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
     }
     if usage is not None:
         chunk["usage"] = usage
@@ -201,14 +208,7 @@ def build_chunk(
 
 def build_usage_chunk(chunk_id: str, model: str, created: int, usage: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: empty choices, usage set."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return build_chunk(chunk_id, model, created, None, usage=usage)
 
 
 def build_usage(
@@ -225,6 +225,29 @@ def build_usage(
     if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": int(reasoning)}
     return usage
+
+
+@dataclass(slots=True)
+class ChunkStream:
+    """The chunks of one stream converted from another engine's events: one id, the assistant role on the
+    first; `created` is left 0 for the gateway to stamp (these formats carry no timestamp)."""
+
+    model: str
+    id: str = field(default_factory=new_id)
+    started: bool = False
+
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
+            self.started = True
+            delta = {"role": "assistant", **delta}
+        return build_chunk(self.id, self.model, 0, delta, finish_reason)
+
+    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
+        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
+        tail = [self.delta({}, finish)]
+        if include_usage and usage is not None:
+            tail.append(build_usage_chunk(self.id, self.model, 0, usage))
+        return tail
 
 
 def build_completion(
@@ -294,12 +317,15 @@ class Adapter:
     """The OpenAI wire format; other engines override the hooks that differ."""
 
     engine: ClassVar[str] = "gpt"
-    stream_format: ClassVar[Literal["sse", "ndjson", "aws"]] = "sse"
+    stream_format: ClassVar[StreamFormat] = "sse"  # how the upstream frames a stream: a key of FRAMERS
     auth: ClassVar[str] = "bearer"
     endpoints: ClassVar[frozenset[str]] = frozenset(_OPENAI_PATHS)
     default_base_url: ClassVar[str] = ""
     inline_images: ClassVar[bool] = False  # True: the gateway fetches http image URLs into data URIs first
     client_headers: ClassVar[tuple[str, ...]] = ()  # forwarded from the client on a face's passthrough
+    # Provider fields (Provider.extra) the engine cannot work without: parse_config refuses a provider that
+    # lacks one, naming file, line and key, so no request ever finds out.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     # Request side
 
@@ -359,8 +385,8 @@ class Adapter:
     # Response side
 
     def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        """Frame the upstream byte stream into events; engines with another framing override this."""
-        return iter_sse(chunks)
+        """Frame the upstream byte stream into events, by the engine's `stream_format`."""
+        return FRAMERS[self.stream_format](chunks)
 
     def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if not isinstance(native, dict) or not isinstance(native.get("choices"), list):
@@ -716,21 +742,13 @@ def _claude_tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _ClaudeStream:
-    """One Claude stream being converted: chunk id, tool-call numbering, usage so far and the stop reason."""
+    """One Claude stream being converted: its chunks, tool-call numbering, usage so far and the stop reason."""
 
-    model: str
-    chunk_id: str = field(default_factory=new_id)
-    created: int = 0
+    out: ChunkStream
     tools: dict[int, int] = field(default_factory=dict)  # Anthropic content index -> OpenAI tool_calls index
     usage: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
-    started: bool = False
     thinking: dict[int, str] = field(default_factory=dict)  # content index -> thinking text so far
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
-            delta, self.started = {"role": "assistant", **delta}, True
-        return build_chunk(self.chunk_id, self.model, self.created, delta, finish_reason)
 
     def on_message_start(self, event: Mapping[str, Any]) -> None:
         self.usage.update((event.get("message") or {}).get("usage") or {})
@@ -817,7 +835,7 @@ class ClaudeAdapter(Adapter):
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"model": target.upstream_model, **request}
 
-    def parse_response(self, native: Any, model: str, *, created: int | None = None) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
             raise _claude_error(native)
         if not isinstance(native, dict) or not isinstance(native.get("content"), list):
@@ -836,12 +854,12 @@ class ClaudeAdapter(Adapter):
             message["tool_calls"] = calls
         finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")
         usage = claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
-        return build_completion(model, created or 0, message, finish, usage)
+        return build_completion(model, 0, message, finish, usage)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int | None = None
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
-        state = _ClaudeStream(model, created=created or 0)
+        state = _ClaudeStream(ChunkStream(model))
         async for event in events:
             data = _load_event(event)
             if data.get("type") == "message_stop":
@@ -849,13 +867,17 @@ class ClaudeAdapter(Adapter):
             handler = _CLAUDE_STREAM_HANDLERS.get(data.get("type"))
             delta = handler(state, data) if handler else None
             if delta:
-                yield state.chunk(delta)
+                yield state.out.delta(delta)
         else:
             if state.stop_reason is None:
                 raise UpstreamError(502, "upstream stream ended before message_stop")
-        yield state.chunk({}, _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop"))
-        if include_usage:
-            yield build_usage_chunk(state.chunk_id, model, state.created, claude_usage(state.usage))
+        finish = _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop")
+        for chunk in state.out.tail(finish, claude_usage(state.usage), include_usage):
+            yield chunk
+
+
+# Vertex AI: the project is in every URL; the service account's email and key sign the OAuth assertion.
+VERTEX_REQUIRES: Final = ("project_id", "client_email", "private_key")
 
 
 class VertexClaudeAdapter(ClaudeAdapter):
@@ -863,6 +885,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
 
     engine = "vertex-claude"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     ANTHROPIC_VERSION: ClassVar[str] = "vertex-2023-10-16"
 
@@ -873,7 +896,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
         if endpoint == "models":  # "publishers.models.list" (v1beta1); the version view names `@date` versions
             return f"{root}/v1beta1/publishers/anthropic/models?pageSize=1000&view=PUBLISHER_MODEL_VERSION_VIEW_BASIC"
         method = "streamRawPredict" if body.get("stream") else "rawPredict"
-        return (f"{root}/v1/projects/{extra.get('project_id', '')}/locations/{region}"
+        return (f"{root}/v1/projects/{extra['project_id']}/locations/{region}"
                 f"/publishers/anthropic/models/{target.upstream_model}:{method}")
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1010,6 +1033,12 @@ async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEven
             raise _bedrock_stream_error(headers, payload)
 
 
+# Stream framing by Adapter.stream_format: server-sent events, or AWS event-stream messages (Bedrock).
+FRAMERS: Final[Mapping[StreamFormat, Callable[[AsyncIterator[bytes]], AsyncIterator[SSEEvent]]]] = MappingProxyType(
+    {"sse": iter_sse, "aws": iter_aws_events}
+)
+
+
 class BedrockAdapter(ClaudeAdapter):
     """Claude on Amazon Bedrock: InvokeModel / InvokeModelWithResponseStream, SigV4-signed with the provider's
     aws_access_key / aws_secret_key; streams arrive in AWS event-stream framing (`iter_aws_events`)."""
@@ -1017,13 +1046,12 @@ class BedrockAdapter(ClaudeAdapter):
     engine = "aws"
     auth = "sigv4"
     stream_format = "aws"
+    requires = ("aws_access_key", "aws_secret_key")  # the region has a default (us-east-1)
     default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
     ANTHROPIC_VERSION: ClassVar[str] = "bedrock-2023-05-31"
 
     def build_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
         extra = target.provider.extra
-        if not (extra.get("aws_access_key") and extra.get("aws_secret_key")):
-            raise UpstreamError(401, "provider has no aws_access_key and aws_secret_key")
         url, data = self.url("chat", body, target), dumps(self.payload(body, target))
         headers = sign_aws_v4("POST", url, {"Content-Type": "application/json"}, data,
                               access_key=extra["aws_access_key"], secret_key=extra["aws_secret_key"],
@@ -1050,9 +1078,6 @@ class BedrockAdapter(ClaudeAdapter):
         request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
 
-    def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        return iter_aws_events(chunks)
-
     def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
         # Bedrock errors are {"message": ...}, some (AccessDenied) spelled {"Message": ...}.
         return super().parse_error(status, body.replace(b'"Message":', b'"message":', 1), retry_after)
@@ -1065,8 +1090,8 @@ class BedrockAdapter(ClaudeAdapter):
         if root == self.default_base_url or "bedrock-runtime." in root:
             root = f"https://bedrock.{self.region(provider)}.amazonaws.com"
         url = f"{root}/foundation-models?byProvider=Anthropic"
-        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra.get("aws_access_key", ""),
-                              secret_key=extra.get("aws_secret_key", ""), region=self.region(provider),
+        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra["aws_access_key"],
+                              secret_key=extra["aws_secret_key"], region=self.region(provider),
                               service="bedrock", now=target.now)
         return UpstreamRequest("GET", url, headers)
 
@@ -1335,13 +1360,6 @@ def _gemini_created(native: Mapping[str, Any]) -> int:
     return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
-def _gemini_chunk(chunk_id: str, model: str, created: int, index: int, delta: dict[str, Any],
-                  finish: str | None = None) -> dict[str, Any]:
-    chunk = build_chunk(chunk_id, model, created, delta, finish)
-    chunk["choices"][0]["index"] = index  # candidateCount (n) > 1 streams several candidates
-    return chunk
-
-
 def _google_error(body: bytes) -> Mapping[str, Any]:
     """The `error` object of Google's error shape (a JSON array of it when a stream lacked alt=sse)."""
     try:
@@ -1431,12 +1449,12 @@ class GeminiAdapter(Adapter):
                 if candidate.get("finishReason"):
                     finish[index] = _gemini_finish(candidate["finishReason"], calls[index] > 0)
                 if delta:
-                    yield _gemini_chunk(chunk_id, model, created, index, delta)
+                    yield build_chunk(chunk_id, model, created, delta, index=index)  # n > 1: several candidates
         if not finish:
             raise UpstreamError(502, "upstream stream ended before it finished")
         for index, reason in sorted(finish.items()):
-            yield _gemini_chunk(chunk_id, model, created, index,
-                                {} if index in calls else {"role": "assistant", "content": ""}, reason)
+            yield build_chunk(chunk_id, model, created, {} if index in calls else {"role": "assistant", "content": ""},
+                              reason, index=index)
         if include_usage:
             yield build_usage_chunk(chunk_id, model, created, usage or build_usage(0, 0))
 
@@ -1509,6 +1527,7 @@ class VertexGeminiAdapter(GeminiAdapter):
 
     engine = "vertex-gemini"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     methods = MappingProxyType({"chat": "generateContent", "embeddings": "predict"})
     models_key = "publisherModels"
@@ -1519,7 +1538,7 @@ class VertexGeminiAdapter(GeminiAdapter):
         root = vertex_root(target.provider.base_url, region)
         if endpoint == "models":  # "publishers.models.list", v1beta1 only; it needs the OAuth token too
             return f"{root}/v1beta1/publishers/google/models?pageSize=1000"
-        model_path = f"projects/{extra.get('project_id', '')}/locations/{region}/publishers/google/models"
+        model_path = f"projects/{extra['project_id']}/locations/{region}/publishers/google/models"
         return f"{root}/v1/{model_path}/{target.upstream_model}:{self.method(endpoint, body)}"
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1627,7 +1646,6 @@ def _rsa_private_numbers(pem: str) -> list[int]:
 _GOOGLE_ADAPTERS: Final[tuple[Adapter, ...]] = (GeminiAdapter(), VertexGeminiAdapter())
 
 # --- Cohere and Cloudflare ---
-# parse_response/parse_stream take `created` as a keyword: adapters never read the clock, the flow may pass it.
 
 
 def _text_of(content: Any) -> str:
@@ -1656,29 +1674,6 @@ def _model_names(native: Any, key: str) -> list[str]:
     if not isinstance(models, list):
         raise UpstreamError(502, f"models list has no '{key}' array")
     return [str(m["name"]) for m in models if isinstance(m, dict) and "name" in m]
-
-
-@dataclass(slots=True)
-class _Chunks:
-    """One converted stream's chunks: the first delta also carries the assistant role."""
-
-    model: str
-    created: int
-    id: str = field(default_factory=new_id)
-    started: bool = False
-
-    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        if not self.started:
-            self.started = True
-            delta = {"role": "assistant", **delta}
-        return build_chunk(self.id, self.model, self.created, delta)
-
-    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
-        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
-        tail = [build_chunk(self.id, self.model, self.created, {}, finish)]
-        if include_usage and usage is not None:
-            tail.append(build_usage_chunk(self.id, self.model, self.created, usage))
-        return tail
 
 
 # Cohere Chat API v2 (docs.cohere.com/reference/chat), "ChatFinishReason"; ERROR and TIMEOUT are failures.
@@ -1810,7 +1805,7 @@ class CohereAdapter(Adapter):
             payload.update(_cohere_tools(body.get("tools"), body.get("tool_choice")))
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         """"v2_chat_Response": content[] text and thinking, tool_plan, tool_calls, finish_reason, usage."""
         message = native.get("message") if isinstance(native, dict) else None
         if not isinstance(message, dict):
@@ -1824,14 +1819,14 @@ class CohereAdapter(Adapter):
             result["reasoning_content"] = thinking
         if message.get("tool_calls"):
             result["tool_calls"] = [_openai_tool_call(c) for c in message["tool_calls"]]
-        return build_completion(model, created, result, finish, _cohere_usage(native.get("usage")),
+        return build_completion(model, 0, result, finish, _cohere_usage(native.get("usage")),
                                 native.get("id") or None)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Cohere v2 "Chat with Streaming" events, each JSON with a `type`, to OpenAI chunks."""
-        chunks, tool_index = _Chunks(model, created), {}
+        chunks, tool_index = ChunkStream(model), {}
         async for event in events:
             if event.data == "[DONE]":
                 continue
@@ -1975,11 +1970,10 @@ class CloudflareAdapter(Adapter):
     endpoints = frozenset({"chat", "embeddings", "models"})
     default_base_url = "https://api.cloudflare.com"
     inline_images = True  # vision models take data: URIs only ("HTTP URL will not be accepted")
+    requires = ("cf_account_id",)
 
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
-        account = target.provider.extra.get("cf_account_id")
-        if not account:
-            raise UpstreamError(502, f"provider {target.provider.name} has no cf_account_id", retryable=True)
+        account = target.provider.extra["cf_account_id"]
         root = target.provider.base_url.rstrip("/").split("/client/v4")[0] + f"/client/v4/accounts/{account}/ai"
         if endpoint == "models":  # "Model Search"
             return root + "/models/search?task=Text%20Generation&per_page=100"
@@ -1996,7 +1990,7 @@ class CloudflareAdapter(Adapter):
                 payload.pop(name, None)
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         result = _cloudflare_result(native)
         if isinstance(result.get("choices"), list):  # newer models answer an OpenAI chat.completion
             return _complete_openai_shape(result, model)
@@ -2006,13 +2000,13 @@ class CloudflareAdapter(Adapter):
         if calls:
             message["tool_calls"] = calls
         finish = "tool_calls" if calls else "stop"
-        return build_completion(model, created, message, finish, _cloudflare_usage(result.get("usage")))
+        return build_completion(model, 0, message, finish, _cloudflare_usage(result.get("usage")))
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """SSE `data: {"response": "...", "p": "..."}` ... `data: {"response": "", "usage": {...}}`, [DONE]."""
-        chunks, tools = _Chunks(model, created), []
+        chunks, tools = ChunkStream(model), []
         usage, finish, done = None, None, False
         async for event in events:
             if event.data == "[DONE]":
@@ -2336,7 +2330,7 @@ def _responses_finish(response: Mapping[str, Any], called: bool) -> str:
 class _ResponsesChunks:
     """One Responses stream being converted: output items -> tool-call indexes, arguments sent so far."""
 
-    chunks: _Chunks
+    chunks: ChunkStream
     tools: dict[str, int] = field(default_factory=dict)  # item id (or output index) -> chat tool_calls index
     sent: dict[str, str] = field(default_factory=dict)  # item id -> arguments (or input) streamed so far
     final: Mapping[str, Any] | None = None  # the response of the terminal event
@@ -2345,11 +2339,6 @@ class _ResponsesChunks:
         item = event.get("item")
         return str((item or {}).get("id") or event.get("output_index")) if item else str(
             event.get("item_id") or event.get("output_index"))
-
-    def on_created(self, event: Mapping[str, Any]) -> None:
-        created = (event.get("response") or {}).get("created_at")
-        if isinstance(created, (int, float)) and not self.chunks.started:
-            self.chunks.created = int(created)
 
     def on_item_added(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
         item = event.get("item") or {}
@@ -2414,7 +2403,6 @@ def _delta_of(name: str) -> Callable[[_ResponsesChunks, Mapping[str, Any]], dict
 _RESPONSES_STREAM_HANDLERS: Final[
     Mapping[str, Callable[[_ResponsesChunks, Mapping[str, Any]], dict[str, Any] | None]]
 ] = MappingProxyType({
-    "response.created": _ResponsesChunks.on_created,
     "response.output_item.added": _ResponsesChunks.on_item_added,
     "response.output_item.done": _ResponsesChunks.on_item_done,
     "response.output_text.delta": _delta_of("content"),
@@ -2445,7 +2433,7 @@ class ResponsesAdapter(Adapter):
         request = {"model": target.upstream_model, **to_responses_request(body, target.provider.tools)}
         return self.apply_overrides(request, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int | None = None) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if not isinstance(native, dict) or not isinstance(native.get("output"), list):
             if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
                 raise responses_error(native["error"])
@@ -2454,16 +2442,17 @@ class ResponsesAdapter(Adapter):
             raise responses_error(native.get("error"), f"the upstream response is {native.get('status')}")
         message = _from_responses_output(native["output"])
         finish = _responses_finish(native, bool(message.get("tool_calls")))
-        stamp = native.get("created_at")
-        created = int(stamp) if isinstance(stamp, (int, float)) else created or 0
+        stamp = native.get("created_at")  # 0 (none given) is stamped by the gateway
+        created = int(stamp) if isinstance(stamp, (int, float)) else 0
         return build_completion(model, created, message, finish, responses_usage(native.get("usage")))
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Events until the terminal one (response.completed or .incomplete); response.failed and `error`
-        raise, so a failure before the first chunk moves on to the next channel."""
-        state = _ResponsesChunks(_Chunks(model, created))
+        raise, so a failure before the first chunk moves on to the next channel. Chunks leave `created` 0 for the
+        gateway to stamp, as every converted stream's do."""
+        state = _ResponsesChunks(ChunkStream(model))
         async for event in events:
             data = _load_event(event)
             handler = _RESPONSES_STREAM_HANDLERS.get(data.get("type"))
@@ -3118,9 +3107,789 @@ class MessagesFace(Face):
 
 _CHAT: Final = ChatFace()
 
+# --- OpenAI Responses inbound ---
+# Clients of OpenAI's Responses API (Codex CLI, the openai-agents SDK, the AI SDK) reach every channel: input items
+# become an OpenAI chat request, the answer a `response` object or its event stream. OpenAI API reference:
+# "Responses" (Create a model response, The response object), "Streaming events"; every shape below is the one
+# ../shared/openai-openapi names (CreateResponse, Response, OutputItem, Response*Event).
+
+_NUMBER: Final = (int, float)
+# CreateResponse: each field's JSON type (null is accepted for every one: the spec makes them nullable).
+_RESPONSES_TYPES: Final[Mapping[str, tuple[type, ...]]] = MappingProxyType({
+    "model": (str,), "input": (str, list), "instructions": (str,), "tools": (list,), "tool_choice": (str, dict),
+    "parallel_tool_calls": (bool,), "max_output_tokens": (int,), "temperature": _NUMBER, "top_p": _NUMBER,
+    "reasoning": (dict,), "text": (dict,), "include": (list,), "store": (bool,), "previous_response_id": (str,),
+    "metadata": (dict,), "prompt_cache_key": (str,), "prompt_cache_retention": (str,), "service_tier": (str,),
+    "user": (str,), "safety_identifier": (str,), "stream": (bool,), "stream_options": (dict,), "truncation": (str,),
+    "background": (bool,), "top_logprobs": (int,), "max_tool_calls": (int,), "conversation": (str, dict),
+    "prompt": (dict,), "context_management": (list,),
+})
+_JSON_TYPES: Final[Mapping[type, str]] = MappingProxyType(
+    {str: "a string", list: "an array", dict: "an object", bool: "a boolean", int: "an integer", float: "a number"})
+# Closed string sets: ToolChoiceOptions, ReasoningEffort, Reasoning.summary, Verbosity, ServiceTierResponses, ...
+_RESPONSES_ENUMS: Final[Mapping[str, frozenset[str]]] = MappingProxyType({
+    "tool_choice": frozenset({"none", "auto", "required"}),
+    "reasoning.effort": frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"}),
+    "reasoning.summary": frozenset({"auto", "concise", "detailed"}),
+    "text.verbosity": frozenset({"low", "medium", "high"}),
+    "text.format.type": frozenset({"text", "json_schema", "json_object"}),
+    "service_tier": frozenset({"auto", "default", "flex", "scale", "priority", "fast", "ultrafast"}),
+    "truncation": frozenset({"auto", "disabled"}),
+    "prompt_cache_retention": frozenset({"in-memory", "in_memory", "24h"}),
+})
+_RESPONSES_RANGES: Final[Mapping[str, tuple[float, float]]] = MappingProxyType({
+    "temperature": (0, 2), "top_p": (0, 1), "max_output_tokens": (16, float("inf")), "top_logprobs": (0, 20)})
+_INCLUDABLE: Final = frozenset({
+    "file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+    "message.input_image.image_url", "computer_call_output.output.image_url", "code_interpreter_call.outputs",
+    "reasoning.encrypted_content", "message.output_text.logprobs"})
+_INPUT_ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
+# Fields that change the answer and that no chat request can carry: refused on converted channels, by test.
+_RESPONSES_UNCONVERTIBLE: Final[Mapping[str, Callable[[Any], bool]]] = MappingProxyType({
+    "background": lambda value: value is True,
+    "conversation": lambda value: value is not None,
+    "prompt": lambda value: value is not None,
+    "context_management": lambda value: value is not None,
+    "truncation": lambda value: value == "auto",
+    "top_logprobs": lambda value: bool(value),
+    "include": lambda value: "message.output_text.logprobs" in (value or ()),
+})
+# CreateResponse field -> the chat request field that means the same.
+_RESPONSES_TO_CHAT: Final[Mapping[str, str]] = MappingProxyType({
+    "max_output_tokens": "max_completion_tokens", "temperature": "temperature", "top_p": "top_p",
+    "prompt_cache_key": "prompt_cache_key", "prompt_cache_retention": "prompt_cache_retention",
+    "service_tier": "service_tier", "user": "user", "safety_identifier": "safety_identifier"})
+# finish_reason -> (Response.status, incomplete_details.reason).
+_RESPONSES_FINISH: Final[Mapping[str, tuple[str, str | None]]] = MappingProxyType({
+    "length": ("incomplete", "max_output_tokens"), "content_filter": ("incomplete", "content_filter")})
+# ResponseErrorCode for a stream failing after its start, by HTTP status (the rest: server_error).
+_RESPONSES_FAILURES: Final[Mapping[int, str]] = MappingProxyType({429: "rate_limit_exceeded", 400: "invalid_prompt"})
+_RESPONSES_TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# Signed reasoning (Claude thinking blocks) rides in a reasoning item's encrypted_content as prefixed base64 JSON;
+# a replayed item hands it back as `thinking_blocks`. Another service's encrypted_content means nothing here.
+_REASONING_PREFIX: Final = "uni-api.v1:"
+
+
+def encode_reasoning(blocks: list[dict[str, Any]]) -> str:
+    return _REASONING_PREFIX + base64.b64encode(dumps({"thinking_blocks": blocks})).decode()
+
+
+def decode_reasoning(value: Any) -> list[dict[str, Any]]:
+    """The signed blocks an encrypted_content of ours carries; [] for anything else."""
+    if not isinstance(value, str) or not value.startswith(_REASONING_PREFIX):
+        return []
+    try:
+        data = loads(base64.b64decode(value[len(_REASONING_PREFIX):], validate=True))
+    except (JSONDecodeError, ValueError):
+        return []
+    blocks = data.get("thinking_blocks") if isinstance(data, dict) else None
+    return [block for block in blocks if isinstance(block, dict)] if isinstance(blocks, list) else []
+
+
+# --- Responses: request checks ---
+
+
+def _dig(body: Mapping[str, Any], path: str) -> Any:
+    value: Any = body
+    for name in path.split("."):
+        value = value.get(name) if isinstance(value, Mapping) else None
+    return value
+
+
+def _check_type(value: Any, kinds: tuple[type, ...], where: str) -> None:
+    if value is None or (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        return
+    expected = " or ".join(_JSON_TYPES[kind] for kind in kinds)
+    raise RequestError(f"Invalid type for '{where}': expected {expected}.", where, "invalid_type")
+
+
+def _check_values(body: Mapping[str, Any]) -> None:
+    for path, allowed in _RESPONSES_ENUMS.items():
+        value = _dig(body, path)
+        if value is not None and not isinstance(value, dict) and (not isinstance(value, str) or value not in allowed):
+            supported = ", ".join(f"'{name}'" for name in sorted(allowed))
+            raise RequestError(f"Invalid value for '{path}': {value!r}. Supported values are: {supported}.", path,
+                               "invalid_value")
+    for name, (low, high) in _RESPONSES_RANGES.items():
+        value = body.get(name)
+        if value is not None and not low <= value <= high:
+            raise RequestError(f"Invalid '{name}': {value} is outside [{low}, {high}].", name, "invalid_value")
+    for value in body.get("include") or ():
+        if not isinstance(value, str) or value not in _INCLUDABLE:
+            raise RequestError(f"Invalid value for 'include': {value!r}.", "include", "invalid_value")
+    for key, value in (body.get("metadata") or {}).items():
+        _check_type(value, (str,), f"metadata.{key}")
+
+
+def _check_message(item: Mapping[str, Any], where: str) -> None:
+    if item.get("role") not in _INPUT_ROLES:
+        raise RequestError(f"Invalid value for '{where}.role': {item.get('role')!r}.", f"{where}.role", "invalid_value")
+    _check_parts(item.get("content"), f"{where}.content")
+
+
+def _check_parts(content: Any, where: str) -> None:
+    """A string, or content parts: objects with a `type`."""
+    if not isinstance(content, (str, list)):
+        raise RequestError(f"Invalid type for '{where}': expected a string or an array.", where, "invalid_type")
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RequestError(f"Invalid '{where}[{j}]': expected an object with a 'type'.", f"{where}[{j}]",
+                               "invalid_type")
+
+
+def _check_strings(*names: str) -> Callable[[Mapping[str, Any], str], None]:
+    def check(item: Mapping[str, Any], where: str) -> None:
+        for name in names:
+            if not isinstance(item.get(name), str):
+                raise RequestError(f"Missing or invalid '{where}.{name}': expected a string.", f"{where}.{name}",
+                                   "invalid_type")
+    return check
+
+
+def _check_output(item: Mapping[str, Any], where: str) -> None:
+    _check_strings("call_id")(item, where)
+    _check_parts(item.get("output"), f"{where}.output")
+
+
+# Input item type -> its shape check (EasyInputMessage, FunctionToolCall, FunctionCallOutputItemParam, ReasoningItem).
+_INPUT_CHECKS: Final[Mapping[str, Callable[[Mapping[str, Any], str], None]]] = MappingProxyType({
+    "message": _check_message, "function_call": _check_strings("call_id", "name", "arguments"),
+    "function_call_output": _check_output,
+    "reasoning": lambda item, where: _check_type(item.get("encrypted_content"), (str,), f"{where}.encrypted_content"),
+})
+
+
+def _check_items(body: Mapping[str, Any]) -> None:
+    items = body.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if not isinstance(item, dict):
+            raise RequestError(f"Invalid type for 'input[{i}]': expected an object.", f"input[{i}]", "invalid_type")
+        check = _INPUT_CHECKS.get(item.get("type") or ("message" if "role" in item else ""))
+        if check is None and not isinstance(item.get("type"), str):
+            raise RequestError(f"Missing required parameter: 'input[{i}].type'.", f"input[{i}].type",
+                               "missing_required_parameter")
+        if check:
+            check(item, f"input[{i}]")
+    for i, tool in enumerate(body.get("tools") or ()):
+        if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
+            raise RequestError(f"Invalid 'tools[{i}]': expected an object with a 'type'.", f"tools[{i}]",
+                               "invalid_type")
+        if tool["type"] == "function":
+            _check_strings("name")(tool, f"tools[{i}]")
+            _check_type(tool.get("parameters"), (dict,), f"tools[{i}].parameters")
+
+
+def _check_format(body: Mapping[str, Any]) -> None:
+    _check_type(_dig(body, "text.format"), (dict,), "text.format")
+    _check_type(_dig(body, "tool_choice.name"), (str,), "tool_choice.name")
+    if _dig(body, "text.format.type") == "json_schema":
+        _check_strings("name")(body["text"]["format"], "text.format")
+        if not isinstance(body["text"]["format"].get("schema"), dict):
+            raise RequestError("Missing required parameter: 'text.format.schema'.", "text.format.schema",
+                               "missing_required_parameter")
+
+
+# --- Responses: input items -> chat messages ---
+
+
+def _chat_image(part: Mapping[str, Any]) -> dict[str, Any]:
+    if not part.get("image_url"):  # a file_id names an upload only OpenAI holds
+        raise UpstreamError(400, "input_image with a file_id needs a Responses-native upstream", retryable=True)
+    image = {"url": part["image_url"], **({"detail": part["detail"]} if part.get("detail") else {})}
+    return {"type": "image_url", "image_url": image}
+
+
+def _chat_file(part: Mapping[str, Any]) -> dict[str, Any]:
+    if not part.get("file_data"):  # file_id and file_url name files only OpenAI fetches
+        raise UpstreamError(400, "input_file without file_data needs a Responses-native upstream", retryable=True)
+    file = {"file_data": part["file_data"], **({"filename": part["filename"]} if part.get("filename") else {})}
+    return {"type": "file", "file": file}
+
+
+# Input content part type (InputContent, OutputMessageContent) -> chat content part.
+_CHAT_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = MappingProxyType({
+    "input_text": lambda part: {"type": "text", "text": str(part.get("text") or "")},
+    "output_text": lambda part: {"type": "text", "text": str(part.get("text") or "")},
+    "refusal": lambda part: {"type": "text", "text": str(part.get("refusal") or "")},
+    "input_image": _chat_image,
+    "input_file": _chat_file,
+})
+
+
+def _chat_parts(content: Any) -> list[dict[str, Any]]:
+    parts = []
+    for part in content:
+        convert = _CHAT_PARTS.get(part.get("type"))
+        if convert is None:
+            raise UpstreamError(400, f"content type '{part.get('type')}' needs a Responses-native upstream",
+                                retryable=True)
+        parts.append(convert(part))
+    return parts
+
+
+def _open_assistant(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assistant message the next output item belongs to: the last message if it is one (a turn's reasoning,
+    text and calls are one chat message), else a new one."""
+    if not messages or messages[-1]["role"] != "assistant":
+        messages.append({"role": "assistant", "content": None})
+    return messages[-1]
+
+
+def _add_message(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
+    content = item.get("content")
+    if item.get("role") != "assistant":
+        messages.append({"role": item.get("role"), "content": content if isinstance(content, str) else
+                         _chat_parts(content)})
+        return
+    text = content if isinstance(content, str) else _text_of(_chat_parts(content))
+    assistant = _open_assistant(messages)
+    assistant["content"] = (assistant["content"] or "") + text
+
+
+def _add_call(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
+    call = {"id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+    _open_assistant(messages).setdefault("tool_calls", []).append(call)
+
+
+def _add_output(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
+    """A tool message with the output's text; its images and files follow as a user message (tool messages carry
+    text only on most engines)."""
+    output = item.get("output")
+    parts = [{"type": "input_text", "text": output}] if isinstance(output, str) else output
+    converted = _chat_parts(parts)
+    text = [part for part in converted if part["type"] == "text"]
+    messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _text_of(text)})
+    if len(text) < len(converted):
+        messages.append({"role": "user", "content": [part for part in converted if part["type"] != "text"]})
+
+
+def _add_reasoning(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
+    """Signed thinking goes back to the engine that signed it; unsigned reasoning is no model input (OpenAI drops
+    replayed summaries too), so it is left out."""
+    blocks = decode_reasoning(item.get("encrypted_content"))
+    if blocks:
+        _open_assistant(messages).setdefault("thinking_blocks", []).extend(blocks)
+
+
+_CHAT_ITEMS: Final[Mapping[str, Callable[[Mapping[str, Any], list[dict[str, Any]]], None]]] = MappingProxyType({
+    "message": _add_message, "function_call": _add_call, "function_call_output": _add_output,
+    "reasoning": _add_reasoning})
+
+
+def responses_input(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`input` as a list of items (a string is one user message)."""
+    value = body.get("input")
+    return [{"type": "message", "role": "user", "content": value}] if isinstance(value, str) else list(value or ())
+
+
+def to_chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    instructions = body.get("instructions")  # "a system (or developer) message inserted into the model's context"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": instructions}] if instructions else []
+    for item in responses_input(body):
+        kind = item.get("type") or "message"
+        convert = _CHAT_ITEMS.get(kind)
+        if convert is None:
+            raise UpstreamError(400, f"input item type '{kind}' needs a Responses-native upstream", retryable=True)
+        convert(item, messages)
+    return [m for m in messages if m["role"] != "assistant" or m["content"] is not None or m.get("tool_calls")]
+
+
+# --- Responses: request -> chat request ---
+
+
+def _chat_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":  # hosted tools run on OpenAI's side; custom tools take free text
+        raise UpstreamError(400, f"tool type '{tool.get('type')}' needs a Responses-native upstream", retryable=True)
+    function = {"name": tool["name"], "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+    function.update({name: tool[name] for name in ("description", "strict") if tool.get(name) is not None})
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    if not isinstance(choice, Mapping):
+        return choice
+    if choice.get("type") != "function":
+        raise UpstreamError(400, f"tool_choice type '{choice.get('type')}' needs a Responses-native upstream",
+                            retryable=True)
+    return {"type": "function", "function": {"name": choice.get("name")}}
+
+
+def _chat_response_format(text: Any) -> dict[str, Any] | None:
+    """text.format (TextResponseFormatJsonSchema is flat; chat nests it under json_schema)."""
+    fmt = text.get("format") if isinstance(text, Mapping) else None
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        return None
+    schema = {name: fmt[name] for name in ("name", "schema", "description", "strict") if fmt.get(name) is not None}
+    return {"type": "json_schema", "json_schema": schema}
+
+
+def _refuse_unconvertible(body: Mapping[str, Any]) -> None:
+    for name, refused in _RESPONSES_UNCONVERTIBLE.items():
+        if refused(body.get(name)):
+            raise UpstreamError(400, f"'{name}' as sent needs a Responses-native upstream", retryable=True)
+
+
+def to_chat_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A CreateResponse body (its previous_response_id already resolved by the gateway) as a chat request."""
+    _refuse_unconvertible(body)
+    request: dict[str, Any] = {"model": body.get("model"), "messages": to_chat_messages(body)}
+    request.update({chat: body[name] for name, chat in _RESPONSES_TO_CHAT.items() if body.get(name) is not None})
+    if body.get("tools"):
+        request["tools"] = [_chat_tool(tool) for tool in body["tools"]]
+        request.update({name: value for name, value in (
+            ("tool_choice", _chat_tool_choice(body.get("tool_choice"))),
+            ("parallel_tool_calls", body.get("parallel_tool_calls"))) if value is not None})
+    effort, response_format = _dig(body, "reasoning.effort"), _chat_response_format(body.get("text"))
+    verbosity = _dig(body, "text.verbosity")
+    request.update({name: value for name, value in (("reasoning_effort", effort), ("verbosity", verbosity),
+                                                      ("response_format", response_format)) if value is not None})
+    if body.get("stream"):  # usage arrives only at the end of an OpenAI stream, and only when asked for
+        request.update(stream=True, stream_options={"include_usage": True})
+    return request
+
+
+# --- Responses: answers ---
+
+
+def to_responses_usage(usage: Any) -> dict[str, Any]:
+    """CompletionUsage as ResponseUsage (cache writes are not reported through chat, so 0)."""
+    usage = usage if isinstance(usage, Mapping) else {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
+
+
+def from_responses_usage(usage: Any) -> dict[str, Any] | None:
+    """ResponseUsage as CompletionUsage, for the gateway's stats."""
+    if not isinstance(usage, Mapping):
+        return None
+    return build_usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0),
+                       cached=(usage.get("input_tokens_details") or {}).get("cached_tokens"),
+                       reasoning=(usage.get("output_tokens_details") or {}).get("reasoning_tokens"))
+
+
+def _echo_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A function tool as the Response echoes it (FunctionTool requires strict and parameters, null allowed)."""
+    if tool.get("type") != "function":
+        return dict(tool)
+    return {"type": "function", "name": tool.get("name"), "description": tool.get("description"),
+            "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+
+
+def build_response(body: Mapping[str, Any], model: str, response_id: str, created: int, status: str,
+                   output: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The response object (schema Response) with the request's settings echoed, defaults as OpenAI shows them."""
+    text = body.get("text") or {}
+    return {
+        "id": response_id, "object": "response", "created_at": created, "status": status, "background": False,
+        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"), "max_tool_calls": body.get("max_tool_calls"),
+        "model": model, "output": output, "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "previous_response_id": body.get("previous_response_id"),
+        "prompt_cache_key": body.get("prompt_cache_key"), "safety_identifier": body.get("safety_identifier"),
+        "reasoning": {"effort": _dig(body, "reasoning.effort"), "summary": _dig(body, "reasoning.summary")},
+        "service_tier": body.get("service_tier") or "default", "store": body.get("store") is not False,
+        "temperature": _first_set(body.get("temperature"), 1.0), "top_p": _first_set(body.get("top_p"), 1.0),
+        "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
+        "tool_choice": body.get("tool_choice") or "auto", "tools": [_echo_tool(t) for t in body.get("tools") or ()],
+        "top_logprobs": body.get("top_logprobs") or 0, "truncation": body.get("truncation") or "disabled",
+        "metadata": body.get("metadata") or {},
+        **({"user": body["user"]} if body.get("user") else {}), **extra,  # Response.user is a string, never null
+    }
+
+
+def _first_set(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _finished(response: dict[str, Any], finish: Any, usage: Any) -> dict[str, Any]:
+    status, reason = _RESPONSES_FINISH.get(finish or "", ("completed", None))
+    response.update(status=status, usage=to_responses_usage(usage),
+                    incomplete_details={"reason": reason} if reason else None)
+    return response
+
+
+def _reasoning_item(text: str, blocks: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": new_id("rs_"), "type": "reasoning", "summary": []}
+    if text:
+        item.setdefault(_PARTS[kind].field, []).append({"type": kind, "text": text})
+    if blocks:  # "encrypted_content ... populated by default for reasoning items returned by POST /v1/responses"
+        item["encrypted_content"] = encode_reasoning(blocks)
+    return item
+
+
+def _reasoning_kind(body: Mapping[str, Any]) -> str:
+    """A reasoning summary when the client asked for one (Reasoning.summary), else the reasoning text itself."""
+    return "summary_text" if _dig(body, "reasoning.summary") else "reasoning_text"
+
+
+def from_chat_completion(completion: Mapping[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """A chat.completion as a response: a reasoning item, a message, then one function_call item per call."""
+    choice = (completion.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    output: list[dict[str, Any]] = []
+    thinking, blocks = _thinking_of(message), message.get("thinking_blocks")
+    if thinking or blocks:
+        blocks = [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+        output.append(_reasoning_item(thinking if isinstance(thinking, str) else "", blocks, _reasoning_kind(body)))
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+               for text in (_text_of(message.get("content")),) if text]
+    content += [{"type": "refusal", "refusal": message["refusal"]}] if message.get("refusal") else []
+    if content:
+        output.append({"id": new_id("msg_"), "type": "message", "status": "completed", "role": "assistant",
+                       "content": content})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        output.append({"id": new_id("fc_"), "type": "function_call", "status": "completed",
+                       "call_id": call.get("id") or new_id("call_"), "name": function.get("name") or "",
+                       "arguments": _json_text(function.get("arguments"))})
+    response = build_response(body, model, new_id("resp_"), int(completion.get("created") or 0), "completed", output)
+    return _finished(response, choice.get("finish_reason"), completion.get("usage"))
+
+
+def responses_error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return error_body(message, type_, code, param)
+
+
+def previous_not_found(response_id: str) -> RequestError:
+    """OpenAI's answer to an unknown or expired previous_response_id (400, invalid_request_error)."""
+    return RequestError(f"Previous response with id '{response_id}' not found.", "previous_response_id",
+                        "previous_response_not_found")
+
+
+def chain_input(stored: list[dict[str, Any]], body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body with a stored response's context (its input and output items) before its own input."""
+    return {**body, "input": [*stored, *responses_input(body)]}
+
+
+def stored_items(body: Mapping[str, Any], response: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a later request chained to `response` continues from; instructions are not carried over."""
+    return [*responses_input(body), *(response.get("output") or ())]
+
+
+# --- Responses: the event stream ---
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """How one kind of content part streams: the item list it joins, its index name, text field and events."""
+
+    field: str
+    index: str
+    text: str
+    added: str
+    delta: str
+    done: str
+    closed: str
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+# "Streaming events": content parts of messages (output_text, refusal) and of reasoning items (summary_text,
+# reasoning_text); output_text events carry logprobs (empty: none are asked for).
+_PARTS: Final[Mapping[str, _Part]] = MappingProxyType({
+    "output_text": _Part("content", "content_index", "text", "response.content_part.added",
+                         "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+                         MappingProxyType({"logprobs": []})),
+    "refusal": _Part("content", "content_index", "refusal", "response.content_part.added", "response.refusal.delta",
+                     "response.refusal.done", "response.content_part.done"),
+    "summary_text": _Part("summary", "summary_index", "text", "response.reasoning_summary_part.added",
+                          "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+                          "response.reasoning_summary_part.done"),
+    "reasoning_text": _Part("content", "content_index", "text", "response.content_part.added",
+                            "response.reasoning_text.delta", "response.reasoning_text.done",
+                            "response.content_part.done"),
+})
+_EMPTY_PARTS: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType({
+    "output_text": MappingProxyType({"type": "output_text", "text": "", "annotations": [], "logprobs": []}),
+    "refusal": MappingProxyType({"type": "refusal", "refusal": ""}),
+    "summary_text": MappingProxyType({"type": "summary_text", "text": ""}),
+    "reasoning_text": MappingProxyType({"type": "reasoning_text", "text": ""}),
+})
+# Content part type -> the kind of output item holding it.
+_PART_ITEMS: Final[Mapping[str, str]] = MappingProxyType(
+    {"output_text": "message", "refusal": "message", "summary_text": "reasoning", "reasoning_text": "reasoning"})
+
+
+def responses_frame(payload: Mapping[str, Any]) -> bytes:
+    """One event as OpenAI frames it: the type named in `event:` and again in the data."""
+    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + dumps(payload) + b"\n\n"
+
+
+def _new_item(kind: str) -> dict[str, Any]:
+    if kind == "reasoning":
+        return {"id": new_id("rs_"), "type": "reasoning", "summary": []}
+    return {"id": new_id("msg_"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+
+
+@dataclass
+class _ResponsesStream(FaceStream):
+    """OpenAI chunks becoming "Streaming events": one output item open at a time, one content part open in it."""
+
+    body: Mapping[str, Any]
+    model: str
+    response: dict[str, Any] | None = None  # the response being built; its output holds every item so far
+    sequence: int = 0
+    item: dict[str, Any] | None = None  # the open item
+    positions: dict[str, int] = field(default_factory=dict)  # item id -> output_index
+    part: str | None = None  # the open part's type
+    where: dict[str, Any] = field(default_factory=dict)  # item_id, output_index and index of the open part
+    pieces: list[str] = field(default_factory=list)  # the open part's text so far, joined when it closes
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # signed thinking of the open reasoning item
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # chat tool_calls index -> function_call item
+    finish: Any = None
+    usage: Any = None
+    on_answer: Callable[[dict[str, Any]], None] | None = None  # sees the final response of a stream that completed
+
+    def emit(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, **fields, "sequence_number": self.sequence}
+        self.sequence += 1
+        return responses_frame(payload)
+
+    def start(self, created: int) -> list[bytes]:
+        self.response = build_response(self.body, self.model, new_id("resp_"), created, "in_progress", [])
+        return [self.emit("response.created", response=self.response),
+                self.emit("response.in_progress", response=self.response)]
+
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        frames = self.start(int(chunk.get("created") or 0)) if self.response is None else []
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # a response is one answer
+            delta = choice.get("delta") or {}
+            thinking = _thinking_of(delta)
+            if isinstance(thinking, str) and thinking:
+                frames += self.text(_reasoning_kind(self.body), thinking)
+            for block in delta.get("thinking_blocks") or ():
+                frames += self.sign(block)
+            for kind in ("output_text", "refusal"):
+                value = delta.get("content" if kind == "output_text" else kind)
+                frames += self.text(kind, value) if isinstance(value, str) and value else []
+            for call in delta.get("tool_calls") or ():
+                frames += self.call(call)
+            self.finish = choice.get("finish_reason") or self.finish
+        return frames
+
+    def index(self, item: Mapping[str, Any]) -> int:
+        return self.positions[item["id"]]
+
+    def open(self, item: dict[str, Any]) -> list[bytes]:
+        assert self.response is not None
+        frames = self.close()
+        self.item, self.positions[item["id"]] = item, len(self.response["output"])
+        self.response["output"].append(item)
+        return [*frames, self.emit("response.output_item.added", output_index=self.index(item), item=item)]
+
+    def text(self, kind: str, text: str) -> list[bytes]:
+        spec = _PARTS[kind]
+        frames: list[bytes] = []
+        if self.part != kind:
+            frames = self.open_part(kind)
+        self.pieces.append(text)
+        return [*frames, self.emit(spec.delta, **self.where, delta=text, **spec.extra)]
+
+    def open_part(self, kind: str) -> list[bytes]:
+        spec = _PARTS[kind]
+        frames = self.close_part() if self.item is not None and self.item["type"] == _PART_ITEMS[kind] else self.open(
+            _new_item(_PART_ITEMS[kind]))
+        assert self.item is not None
+        parts = self.item.setdefault(spec.field, [])
+        parts.append(dict(_EMPTY_PARTS[kind]))
+        self.part, self.pieces = kind, []
+        self.where = {"item_id": self.item["id"], "output_index": self.index(self.item), spec.index: len(parts) - 1}
+        return [*frames, self.emit(spec.added, **self.where, part=parts[-1])]
+
+    def close_part(self) -> list[bytes]:
+        if self.part is None or self.item is None:
+            return []
+        spec, self.part = _PARTS[self.part], None
+        part = self.item[spec.field][-1]
+        part[spec.text] = "".join(self.pieces)
+        return [self.emit(spec.done, **self.where, **{spec.text: part[spec.text]}, **spec.extra),
+                self.emit(spec.closed, **self.where, part=part)]
+
+    def sign(self, block: Any) -> list[bytes]:
+        """Signed thinking joins the open reasoning item (a redacted block opens one of its own)."""
+        frames = self.close_part() if self.item is not None and self.item["type"] == "reasoning" else self.open(
+            _new_item("reasoning"))
+        if isinstance(block, dict):
+            self.blocks.append(block)
+        return frames
+
+    def call(self, call: Mapping[str, Any]) -> list[bytes]:
+        function = call.get("function") or {}
+        item = self.calls.get(call.get("index", 0))
+        frames: list[bytes] = []
+        if item is None:
+            item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress",
+                    "call_id": call.get("id") or new_id("call_"), "name": function.get("name") or "", "arguments": ""}
+            self.calls[call.get("index", 0)] = item
+            frames = self.open(item)
+        if function.get("arguments"):
+            item["arguments"] += function["arguments"]
+            frames.append(self.emit("response.function_call_arguments.delta", item_id=item["id"],
+                                    output_index=self.index(item), delta=function["arguments"]))
+        return frames
+
+    def close(self, status: str = "completed") -> list[bytes]:
+        if self.item is None:
+            return []
+        frames, item = self.close_part(), self.item
+        if item["type"] == "function_call":
+            frames.append(self.emit("response.function_call_arguments.done", item_id=item["id"],
+                                    output_index=self.index(item), name=item["name"], arguments=item["arguments"]))
+        if item["type"] == "reasoning" and self.blocks:
+            item["encrypted_content"], self.blocks = encode_reasoning(self.blocks), []
+        if "status" in item:
+            item["status"] = status
+        self.item = None
+        return [*frames, self.emit("response.output_item.done", output_index=self.index(item), item=item)]
+
+    def end(self) -> list[bytes]:
+        frames = self.start(0) if self.response is None else []
+        assert self.response is not None
+        status = _RESPONSES_FINISH.get(self.finish or "", ("completed", None))[0]
+        frames += self.close(status)
+        response = _finished(self.response, self.finish, self.usage)
+        if self.on_answer is not None:
+            self.on_answer(response)
+        return [*frames, self.emit(f"response.{response['status']}", response=response)]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        frames = self.start(0) if self.response is None else []
+        assert self.response is not None
+        frames += self.close("incomplete")
+        self.response.update(status="failed", error={"code": _RESPONSES_FAILURES.get(status, "server_error"),
+                                                     "message": message})
+        self.response.update({"usage": to_responses_usage(self.usage)} if self.usage else {})
+        return [*frames, self.emit("response.failed", response=self.response)]
+
+
+# --- Responses: native passthrough ---
+
+
+def _native_failure(data: Mapping[str, Any]) -> UpstreamError:
+    """An `error` event (ResponseErrorEvent: code and message on the event) or a response.failed one."""
+    error = _dig(data, "response.error") or data.get("error") or data
+    code = error.get("code") if isinstance(error, Mapping) else None
+    status = {name: status for status, name in _RESPONSES_FAILURES.items()}.get(code, 502)
+    return UpstreamError(status, _first_text(error) or "upstream stream error")
+
+
+@dataclass
+class _ResponsesNative(NativeStream):
+    """A Responses-native upstream's events relayed with the client's model name; usage from the terminal event."""
+
+    model: str
+    on_answer: Callable[[dict[str, Any]], None] | None = None
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    started: bool = False
+    sequence: int = 0
+    response: dict[str, Any] = field(default_factory=dict)
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        data = _load_event(event)
+        kind = str(data.get("type") or event.event)
+        if not self.started and kind in ("error", "response.failed"):
+            raise _native_failure(data)  # nothing was relayed yet, so another channel can try
+        self.started = True
+        self.sequence = int(data.get("sequence_number") or self.sequence) + 1
+        response = data.get("response")
+        if isinstance(response, dict):
+            response["model"] = self.model
+            self.response = response
+            if kind in _RESPONSES_TERMINAL:
+                self.done, self.usage = True, from_responses_usage(response.get("usage"))
+                if self.on_answer is not None and kind != "response.failed":
+                    self.on_answer(response)
+        return responses_frame({**data, "type": kind})
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        response = {**self.response, "status": "failed",
+                    "error": {"code": _RESPONSES_FAILURES.get(status, "server_error"), "message": message}}
+        return [responses_frame({"type": "response.failed", "response": response, "sequence_number": self.sequence})]
+
+
+# --- Responses: the face ---
+
+
+class ResponsesFace(Face):
+    """OpenAI's Responses API (POST /v1/responses); errors in OpenAI's envelope. `on_answer` sees every finished
+    response object (converted or native, whole or streamed): the gateway stores them for previous_response_id."""
+
+    name = "responses"
+    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})  # the Responses-native engine registers here
+
+    def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_answer = on_answer
+
+    def answered(self, response: dict[str, Any]) -> dict[str, Any]:
+        if self.on_answer is not None:
+            self.on_answer(response)
+        return response
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The last user message's text (what moderation checks)."""
+        for item in reversed(responses_input(body)):
+            if item.get("role") == "user" and (item.get("type") or "message") == "message":
+                content = item.get("content")
+                return content if isinstance(content, str) else "\n".join(
+                    str(part.get("text") or "") for part in content or () if part.get("type") == "input_text")
+        return ""
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        if not isinstance(body, Mapping):
+            raise RequestError("The request body must be a JSON object.", None, "invalid_type")
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise RequestError("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+        for name, kinds in _RESPONSES_TYPES.items():
+            _check_type(body.get(name), kinds, name)
+        _check_format(body)
+        _check_values(body)
+        _check_items(body)
+        return str(body["model"])
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return to_chat_request(body)
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return self.answered(from_chat_completion(completion, body, model))
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        return _ResponsesStream(body, model, on_answer=self.on_answer)
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None,
+                   param: str | None = None) -> dict[str, Any]:
+        return error_body(message, type_, code, param)
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        try:
+            answer = loads(raw)
+        except (JSONDecodeError, ValueError):
+            return raw, None
+        if not isinstance(answer, dict):
+            return raw, None
+        answer["model"] = model
+        if answer.get("object") == "response" and answer.get("id"):
+            self.answered(answer)
+        return dumps(answer), from_responses_usage(answer.get("usage"))
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        return _ResponsesNative(model, self.on_answer)
+
+
 # --- The faces, by name (uni_api.py's routes pick theirs here) ---
 
-FACES: Final[Mapping[str, Face]] = MappingProxyType({face.name: face for face in (_CHAT, MessagesFace())})
+FACES: Final[Mapping[str, Face]] = MappingProxyType(
+    {face.name: face for face in (_CHAT, MessagesFace(), ResponsesFace())})
 
 # --- Engine inference ---
 

@@ -14,7 +14,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml"
+# The repository's sibling `shared/` (a checkout at /work/main or a worktree further down finds the first one up).
+SPEC_PATH = next((parent / "shared" / "openai-openapi" / "openapi.yaml" for parent in Path(__file__).resolve().parents
+                  if (parent / "shared" / "openai-openapi" / "openapi.yaml").is_file()),
+                 Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openapi.yaml")
 
 
 def _nullable_to_union(node: Any) -> Any:
@@ -94,3 +97,20 @@ def accumulate_stream(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
     return {"message": message, "finish_reason": finish, "usage": usage}
+
+
+@functools.lru_cache(maxsize=1)
+def _event_schemas() -> dict[str, str]:
+    """Streaming event type -> the ResponseStreamEvent member schema that defines it."""
+    schemas = _components()["schemas"]
+    names = [ref["$ref"].rsplit("/", 1)[-1] for ref in schemas["ResponseStreamEvent"]["anyOf"]]
+    return {schemas[name]["properties"]["type"]["enum"][0]: name for name in names}
+
+
+def validate_response_event(event: dict[str, Any]) -> None:
+    """Validate one Responses streaming event against the schema its `type` names."""
+    validate(event, _event_schemas()[event["type"]])
+
+
+def validate_response(obj: Any) -> None:
+    validate(obj, "Response")

@@ -92,7 +92,7 @@ def test_example_config_documents_every_schema_key(key: str) -> None:
 
 def test_example_config_documents_every_accepted_key() -> None:
     accepted = {*uni_api._PROVIDER_KEYS, *uni_api._PROVIDER_PREFS, *uni_api._KEY_KEYS, *uni_api._KEY_PREFS,
-                *uni_api._GLOBAL_PREFS, "providers", "api_keys"}
+                *uni_api._GLOBAL_PREFS, *uni_api._STATE_KEYS, "providers", "api_keys", "state"}
     text = EXAMPLE.read_text()
     assert [k for k in sorted(accepted) if not re.search(rf"(^|[\s#-]){re.escape(k)}:", text, re.M)] == []
 
@@ -248,6 +248,20 @@ ERRORS: list[tuple[str, str, str]] = [
      "api.yaml:6: api_keys[0].api: environment variable UNI_API_TEST_UNSET is not set"),
     ("unset variable in a weighted rule", PROVIDER + KEY + "    model:\n      - ${UNI_API_TEST_UNSET}/*: 2\n",
      "api.yaml:8: api_keys[0].model[0]: environment variable UNI_API_TEST_UNSET is not set"),
+    ("state is not a mapping", PROVIDER + KEY + "state: redis://x\n",
+     "api.yaml:7: state: expected a mapping, got a string"),
+    ("state without redis_url", PROVIDER + KEY + "state:\n  prefix: x\n",
+     "api.yaml:8: state: missing required key 'redis_url' (or set REDIS_URL)"),
+    ("unknown state key", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  bogus: 1\n",
+     "api.yaml:9: state.bogus: unknown key 'bogus'"),
+    ("state redis_url not a redis URL", PROVIDER + KEY + "state:\n  redis_url: http://h:6379\n",
+     "api.yaml:8: state.redis_url: expected a redis://, rediss:// or unix:// URL"),
+    ("state on_error neither open nor closed", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  on_error: maybe\n",
+     "api.yaml:9: state.on_error: expected open or closed, got 'maybe'"),
+    ("state timeout zero", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  timeout: 0\n",
+     "api.yaml:9: state.timeout: expected a number of seconds > 0"),
+    ("state prefix empty", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  prefix: ''\n",
+     "api.yaml:9: state.prefix: expected a non-empty string"),
 ]
 
 
@@ -508,7 +522,8 @@ def test_a_provider_without_model_list_and_without_keys_is_allowed() -> None:
 def test_base_url_is_kept_exactly_as_written() -> None:
     for url in ("http://127.0.0.1:9/v1/chat/completions", "https://aiplatform.googleapis.com",
                 "https://api.cloudflare.com/", "https://NAME.openai.azure.com"):
-        text = f"providers:\n  - provider: p\n    base_url: {url}\n" + KEY
+        credentials = "".join(f"    {name}: v\n" for name in uni_api.ADAPTERS[adapters.infer_engine(url)].requires)
+        text = f"providers:\n  - provider: p\n    base_url: {url}\n{credentials}" + KEY
         assert parse(text).providers["p"].base_url == url
 
 
@@ -533,6 +548,60 @@ def test_provider_specific_fields_are_kept_as_strings() -> None:
         "client_email": "sa@my-project.iam.gserviceaccount.com", "region": "us-east5",
         "token_uri": "http://127.0.0.1:9/token", "cf_account_id": "12345", "api_version": "2024-10-21",
     }
+
+
+# Adapter.requires: each engine names the provider fields it cannot work without, and parse_config (so
+# --check-config and a start too) refuses a provider lacking one, where it is written, before any request.
+_ENGINE_ONLY = ("providers:\n  - provider: p\n    engine: {engine}\n    base_url: https://x.test\n{fields}"
+                "    model: [m]\n" + KEY)
+CREDENTIAL_CASES = [
+    ("cloudflare without cf_account_id", "cloudflare", "",
+     "api.yaml:2: providers[0].cf_account_id: missing required key 'cf_account_id' (engine cloudflare needs it)"),
+    ("cloudflare with an empty cf_account_id", "cloudflare", "    cf_account_id: ${UNI_API_TEST_UNSET:-}\n",
+     "api.yaml:5: providers[0].cf_account_id: missing required key 'cf_account_id' (engine cloudflare needs it)"),
+    ("aws without keys", "aws", "",
+     "api.yaml:2: providers[0].aws_access_key: missing required key 'aws_access_key' (engine aws needs it)"),
+    ("aws without its secret key", "aws", "    aws_access_key: AKIDEXAMPLE\n",
+     "api.yaml:2: providers[0].aws_secret_key: missing required key 'aws_secret_key' (engine aws needs it)"),
+    ("vertex-claude without private_key", "vertex-claude", "    project_id: p\n    client_email: a@p.test\n",
+     "api.yaml:2: providers[0].private_key: missing required key 'private_key' (engine vertex-claude needs it)"),
+    ("vertex-gemini without project_id", "vertex-gemini", "    client_email: a@p.test\n    private_key: k\n",
+     "api.yaml:2: providers[0].project_id: missing required key 'project_id' (engine vertex-gemini needs it)"),
+]
+
+
+@pytest.mark.parametrize(("engine", "fields", "expected"), [c[1:] for c in CREDENTIAL_CASES],
+                         ids=[c[0] for c in CREDENTIAL_CASES])
+def test_a_provider_without_the_credentials_its_engine_needs_fails_at_load(engine: str, fields: str,
+                                                                           expected: str) -> None:
+    assert error_of(_ENGINE_ONLY.format(engine=engine, fields=fields)) == expected
+
+
+def test_an_engine_inferred_from_base_url_needs_its_credentials_too() -> None:
+    text = "providers:\n  - provider: cf\n    base_url: https://api.cloudflare.com\n    model: [m]\n" + KEY
+    assert error_of(text).startswith("api.yaml:2: providers[0].cf_account_id: missing required key")
+
+
+@pytest.mark.parametrize("engine", sorted(adapters.ADAPTERS))
+def test_every_engine_loads_with_the_fields_it_declares(engine: str) -> None:
+    fields = "".join(f"    {name}: v\n" for name in adapters.ADAPTERS[engine].requires)
+    assert parse(_ENGINE_ONLY.format(engine=engine, fields=fields)).providers["p"].engine == engine
+
+
+def test_cloudflare_aws_and_vertex_declare_their_credentials() -> None:
+    declared = {engine: adapter.requires for engine, adapter in adapters.ADAPTERS.items() if adapter.requires}
+    assert declared == {"cloudflare": ("cf_account_id",), "aws": ("aws_access_key", "aws_secret_key"),
+                        "vertex-claude": ("project_id", "client_email", "private_key"),
+                        "vertex-gemini": ("project_id", "client_email", "private_key")}
+
+
+def test_values_left_as_the_examples_placeholders_are_listed_with_line_and_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNI_API_TEST_UNSET", raising=False)
+    config = parse(PROVIDER + "    api:\n      - sk-real\n      - ${UNI_API_TEST_UNSET:-gsk-replace-me-2}\n"
+                   "api_keys:\n  - api: sk-replace-me\n")
+    assert config.placeholders == ("api.yaml:7: providers[0].api[1]", "api.yaml:9: api_keys[0].api")
+    assert parse(PROVIDER + KEY).placeholders == ()
 
 
 # --- api_keys rules ---
@@ -745,3 +814,17 @@ def test_max_body_size_refuses_what_it_cannot_read(written: str) -> None:
     message = error_of(PROVIDER + KEY + f"preferences:\n  max_body_size: {written}\n")
     assert message.startswith("api.yaml:8: preferences.max_body_size: expected ")
 
+
+
+def test_state_is_off_unless_configured_or_named_by_redis_url() -> None:
+    assert parse(PROVIDER + KEY).state is None
+    from_env = parse_config(PROVIDER + KEY, "api.yaml", env_redis_url="redis://cache:6379/0").state
+    assert from_env == uni_api.StateOptions("redis://cache:6379/0", "uni-api", "open", 0.25)
+
+
+def test_state_takes_its_url_from_redis_url_when_the_file_gives_none() -> None:
+    text = PROVIDER + KEY + "state:\n  prefix: eu\n  on_error: closed\n  timeout: 0.5\n"
+    state = parse_config(text, "api.yaml", env_redis_url="rediss://cache:6380").state
+    assert state == uni_api.StateOptions("rediss://cache:6380", "eu", "closed", 0.5)
+    assert parse_config(PROVIDER + KEY + "state:\n  redis_url: unix:///run/redis.sock\n", "api.yaml",
+                        env_redis_url="redis://ignored").state.redis_url == "unix:///run/redis.sock"
