@@ -2430,6 +2430,9 @@ def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -
     statuses = {error.status for _, error in failures}
     status = 504 if statuses <= {504} else 503 if statuses <= {429, 503} else 502  # none tried: out of time
     reasons = "; ".join(f"{c.provider}/{c.upstream_model}: {e}" for c, e in failures) or "no channel was tried"
+    if statuses == {400}:  # every channel refused the request as converted for it (a hosted tool, ...): the client's
+        return AllChannelsFailed(f"No channel for '{model}' can take this request: {reasons}", status=400,
+                                 type_="invalid_request_error")
     return AllChannelsFailed(f"All channels failed for '{model}': {reasons}", status=status)
 
 

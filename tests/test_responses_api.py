@@ -237,7 +237,7 @@ def test_a_tool_loop_round_trips_the_call_and_its_output(engine: str, stream: bo
 
 def test_the_sdk_tool_loop_with_the_stream_helper_on_claude(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     upstream.enqueue(claude_call(True))
-    upstream.enqueue(claude_text(True))
+    upstream.enqueue(claude_text(False))
     gateway = make_gateway(config_for("claude", upstream))
     sdk = client(gateway)
     with sdk.responses.stream(model="m", input="Weather in Paris?", tools=[WEATHER]) as stream:
@@ -321,7 +321,7 @@ def test_all_channels_failing_is_one_openai_envelope(make_upstream: Callable[[],
     first.enqueue(status=500, json={"error": {"message": "boom"}})
     second.enqueue(status=503, json={"error": {"message": "busy"}})
     gateway = make_gateway(config_for("gpt", first, second))
-    error = check_error(post(gateway, {"model": "m", "input": "hi"}), 503)
+    error = check_error(post(gateway, {"model": "m", "input": "hi"}), 502)
     assert "up0" in error["message"] and "up1" in error["message"]
 
 
