@@ -3826,7 +3826,7 @@ class ResponsesFace(Face):
     response object (converted or native, whole or streamed): the gateway stores them for previous_response_id."""
 
     name = "responses"
-    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})  # the Responses-native engine registers here
+    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({"responses": ResponsesNativeAdapter()})
 
     def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.on_answer = on_answer
