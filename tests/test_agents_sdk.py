@@ -1,5 +1,5 @@
 """The openai-agents SDK on its default path (OpenAIProvider -> the Responses API) through the gateway: an agent
-with a function tool runs to its final answer, stream and non-stream, against OpenAI-chat, Claude and
+with a function tool runs to its final answer, stream and non-stream, against OpenAI-chat, Claude, Gemini and
 Responses-native upstreams. Tracing is off, so nothing but the gateway is contacted.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from agents import Agent, OpenAIProvider, RunConfig, Runner, function_tool
 from conftest import FakeUpstream, GatewayServer, Reply, completion
 from responses_wire import call_events, call_item, json_reply, message_item, stream_reply, text_events
-from test_codex_cli import chat_chunk, claude_reply
+from test_codex_cli import chat_chunk, claude_reply, gemini_sse
 
 MakeGateway = Callable[..., GatewayServer]
 CALL_ID = "call_ag1"
@@ -55,6 +55,14 @@ def claude_replies(stream: bool) -> list[Reply]:
             claude_reply({"type": "text", "text": ""}, [{"type": "text_delta", "text": FINAL}], "end_turn")]
 
 
+def gemini_replies(stream: bool) -> list[Reply]:
+    call = gemini_sse([{"functionCall": {"name": "get_weather", "args": json.loads(ARGUMENTS)}}], "STOP")
+    text = gemini_sse([{"text": FINAL}], "STOP")
+    if not stream:
+        return [Reply(json=json.loads(call)), Reply(json=json.loads(text))]
+    return [Reply(sse=[call]), Reply(sse=[text])]
+
+
 def responses_replies(stream: bool) -> list[Reply]:
     if not stream:
         return [json_reply(call_item("get_weather", ARGUMENTS, CALL_ID)), json_reply(message_item(FINAL))]
@@ -68,12 +76,16 @@ def tool_output(kind: str, body: dict[str, Any]) -> Any:
     if kind == "claude":
         return next(block["content"] for m in body["messages"] if isinstance(m["content"], list)
                     for block in m["content"] if block.get("type") == "tool_result")
+    if kind == "gemini":
+        return next(part["functionResponse"] for content in body["contents"] for part in content["parts"]
+                    if "functionResponse" in part)
     return next(item["output"] for item in body["input"] if item.get("type") == "function_call_output")
 
 
 UPSTREAMS: dict[str, tuple[str, Callable[[bool], list[Reply]]]] = {
     "gpt": ("/v1/chat/completions", chat_replies),
     "claude": ("/v1/messages", claude_replies),
+    "gemini": ("/v1beta", gemini_replies),
     "responses": ("/v1/responses", responses_replies),
 }
 
@@ -104,6 +116,6 @@ def test_agent_with_a_function_tool_runs_to_its_final_answer(
 
     assert asyncio.run(run_agent(gateway, stream)) == FINAL
 
-    first, second = (r.json for r in upstream.received if r.path == path)
+    first, second = (r.json for r in upstream.received if r.path.startswith(path))
     assert "get_weather" in json.dumps(first["tools"])
     assert "14 °C in Paris" in json.dumps(tool_output(kind, second), ensure_ascii=False)

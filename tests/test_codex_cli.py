@@ -1,6 +1,6 @@
 """Codex CLI (npm @openai/codex, tests/node) through the gateway: `codex exec` with a custom provider
 (config.toml `model_providers.<id>` with `wire_api = "responses"`) runs a shell command the model asks for and
-prints the model's final answer, against OpenAI-chat, Claude and Responses-native upstreams.
+prints the model's final answer, against OpenAI-chat, Claude, Gemini and Responses-native upstreams.
 
 Codex speaks only the Responses API to custom providers. Its tools, as 0.171 sends them with the config below:
 `exec_command` ({"cmd": ...}), `write_stdin`, `request_user_input`, `view_image` (function tools; web search and
@@ -143,6 +143,21 @@ def script_claude(upstream: FakeUpstream) -> None:
     upstream.enqueue(claude_reply({"type": "text", "text": ""}, text, "end_turn"))
 
 
+def gemini_sse(parts: list[dict[str, Any]], finish: str | None = None) -> str:
+    """One streamGenerateContent event ("Generate content", alt=sse: GenerateContentResponse per `data:`)."""
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    usage = {"promptTokenCount": 900, "candidatesTokenCount": 12, "totalTokenCount": 912}
+    return json.dumps({"candidates": [candidate], "usageMetadata": usage, "modelVersion": "gemini-2.5-pro"})
+
+
+def script_gemini(upstream: FakeUpstream) -> None:
+    call = {"functionCall": {"name": "exec_command", "args": json.loads(COMMAND)}}
+    upstream.enqueue(sse=[gemini_sse([call], "STOP")])
+    upstream.enqueue(sse=[gemini_sse([{"text": "Codex "}]), gemini_sse([{"text": "saw: hi"}], "STOP")])
+
+
 def script_responses(upstream: FakeUpstream) -> None:
     upstream.enqueue(stream_reply(call_events("exec_command", [COMMAND[:8], COMMAND[8:]], call_id=CALL_ID)))
     upstream.enqueue(stream_reply(text_events(["Codex ", "saw: hi"])))
@@ -160,6 +175,13 @@ def tool_output_of_claude(body: dict[str, Any]) -> str:
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
+def tool_output_of_gemini(body: dict[str, Any]) -> str:
+    (response,) = [part["functionResponse"] for content in body["contents"] for part in content["parts"]
+                   if "functionResponse" in part]
+    assert response["name"] == "exec_command"
+    return str(response["response"].get("content", response["response"]))
+
+
 def tool_output_of_responses(body: dict[str, Any]) -> str:
     (item,) = [i for i in body["input"] if i.get("type") == "function_call_output" and i["call_id"] == CALL_ID]
     return item["output"] if isinstance(item["output"], str) else json.dumps(item["output"])
@@ -168,6 +190,7 @@ def tool_output_of_responses(body: dict[str, Any]) -> str:
 UPSTREAMS: dict[str, tuple[str, str, Callable[[FakeUpstream], None], Callable[[dict[str, Any]], str]]] = {
     "gpt": ("/v1/chat/completions", "gpt", script_gpt, tool_output_of_gpt),
     "claude": ("/v1/messages", "claude", script_claude, tool_output_of_claude),
+    "gemini": ("/v1beta", "gemini", script_gemini, tool_output_of_gemini),
     "responses": ("/v1/responses", "responses", script_responses, tool_output_of_responses),
 }
 
@@ -185,7 +208,7 @@ def test_codex_exec_runs_a_shell_tool_call_to_a_final_answer(
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith(FINAL), (result.stdout, result.stderr[-3000:])
-    answers = [r for r in upstream.received if r.path == path]
+    answers = [r for r in upstream.received if r.path.startswith(path) and not r.path.endswith("/models")]
     assert len(answers) == 2, [r.path for r in upstream.received]
     first, second = (r.json for r in answers)
     assert "exec_command" in json.dumps(first.get("tools"))
