@@ -2,9 +2,10 @@
 (config.toml `model_providers.<id>` with `wire_api = "responses"`) runs a shell command the model asks for and
 prints the model's final answer, against OpenAI-chat, Claude, Gemini and Responses-native upstreams.
 
-Codex speaks only the Responses API to custom providers. Its tools, as 0.171 sends them with the config below:
-`exec_command` ({"cmd": ...}), `write_stdin`, `request_user_input`, `view_image` (function tools; web search and
-the multi-agent namespace are turned off, as hosted tools need a Responses-native upstream). Nothing leaves the
+Codex speaks only the Responses API to custom providers. Its tools, as 0.171 sends them with the config below
+(the README's): `exec_command` ({"cmd": ...}), `write_stdin`, `request_user_input`, `view_image` and the goal
+tools, all function tools; web search and the multi-agent namespace are turned off, as hosted tools and
+namespaces need a Responses-native upstream. Nothing leaves the
 machine: update checks and analytics are off, and the only provider is the gateway.
 """
 
@@ -74,6 +75,9 @@ check_for_update_on_startup = false
 [analytics]
 enabled = false
 
+[features]
+multi_agent = false
+
 [model_providers.uni]
 name = "uni-api"
 base_url = "{gateway.url}/v1"
@@ -91,8 +95,7 @@ def run_codex(codex: Path, gateway: GatewayServer, tmp_path: Path, prompt: str) 
            "UNI_API_KEY": "sk-client", "NO_COLOR": "1"}
     command = [str(codex), "exec", "--skip-git-repo-check", "--strict-config",
                # the command runs unsandboxed: this container has no landlock/bubblewrap, and it is `echo hi`
-               "--dangerously-bypass-approvals-and-sandbox", "--disable", "multi_agent", "--disable", "goals",
-               prompt]
+               "--dangerously-bypass-approvals-and-sandbox", prompt]
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=180,
                           stdin=subprocess.DEVNULL)
 
