@@ -2260,16 +2260,6 @@ def to_responses_request(body: Mapping[str, Any], tools: bool = True) -> dict[st
     return request
 
 
-def responses_usage(usage: Any) -> dict[str, Any] | None:
-    """ResponseUsage -> CompletionUsage: input/output tokens, cached and reasoning details."""
-    if not isinstance(usage, Mapping):
-        return None
-    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens")
-    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
-    return build_usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0),
-                       cached=cached, reasoning=reasoning)
-
-
 def responses_error(error: Any, fallback: str = "the upstream response failed") -> UpstreamError:
     """A failed response's `error` ({code, message}) or an `error` stream event, as an UpstreamError."""
     error = error if isinstance(error, Mapping) else {}
@@ -2444,7 +2434,7 @@ class ResponsesAdapter(Adapter):
         finish = _responses_finish(native, bool(message.get("tool_calls")))
         stamp = native.get("created_at")  # 0 (none given) is stamped by the gateway
         created = int(stamp) if isinstance(stamp, (int, float)) else 0
-        return build_completion(model, created, message, finish, responses_usage(native.get("usage")))
+        return build_completion(model, created, message, finish, from_responses_usage(native.get("usage")))
 
     async def parse_stream(
         self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
@@ -2464,7 +2454,7 @@ class ResponsesAdapter(Adapter):
         else:
             raise UpstreamError(502, "upstream stream ended before response.completed")
         finish = _responses_finish(state.final, bool(state.tools))
-        for chunk in state.chunks.tail(finish, responses_usage(state.final.get("usage")), include_usage):
+        for chunk in state.chunks.tail(finish, from_responses_usage(state.final.get("usage")), include_usage):
             yield chunk
 
 
