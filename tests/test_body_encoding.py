@@ -78,6 +78,7 @@ def test_compressed_chat_request_is_decoded(gateway: GatewayServer, upstream: Fa
 @pytest.mark.parametrize(("path", "body"), [
     ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
     ("/v1/messages", {"model": "gpt-4o", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/responses", {"model": "gpt-4o", "input": "hi", "store": False}),  # as Codex sends it to ChatGPT's backend
 ])
 def test_every_post_route_decodes_zstd(gateway: GatewayServer, upstream: FakeUpstream, path: str,
                                        body: dict[str, Any]) -> None:
