@@ -1152,9 +1152,10 @@ class RequestRecord:
     cached_tokens: int = 0
     attempts: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # provider, model, key, status, ms
 
-    def add_attempt(self, channel: Channel, index: int, status: int, ms: float) -> None:
+    def add_attempt(self, channel: Channel, index: int | None, status: int, ms: float) -> None:
+        """`index`: the provider key's, None for a provider without keys (-1 in the attempts table)."""
         self.provider, self.upstream_model = channel.provider, channel.upstream_model
-        self.attempts.append((channel.provider, channel.upstream_model, index, status, ms))
+        self.attempts.append((channel.provider, channel.upstream_model, -1 if index is None else index, status, ms))
 
     def add_usage(self, usage: Any) -> None:
         """The upstream's usage (the last report wins: some providers send running totals)."""
@@ -2276,28 +2277,60 @@ def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
 
 
-async def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+async def _keys(flow: Flow, policy: Policy, model: str) -> AsyncIterator[int | None]:
+    """The indexes of the provider's keys to try for one request, in scheduled order and each at most once, while
+    the request may spend more and a key is free (not benched, under its api_key_rate_limit); a provider without
+    keys gets one turn, index None. A key is taken only when its turn comes."""
     if policy.keys.size == 0:
-        return None if tried else -1
+        if flow.can_spend():
+            yield None
+        return
+    tried: list[int] = []
+    while flow.can_spend() and (index := await _acquire_key(flow.gw, policy, model, tried)) is not None:
+        tried.append(index)
+        yield index
+
+
+async def _acquire_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
     if gw.shared is not None and policy.keys.rate_limits is not None:
         return await shared_key(gw, gw.shared, policy, model, tried)
     return gw.scheduler.acquire_key(policy.keys, model, tried)
 
 
 @dataclass(slots=True)
-class _Budget:
-    """What one request may still spend: attempts (AUTO_RETRY) and time (request_timeout), set by the first."""
+class Flow:
+    """One client request on its way through the attempts: whose key asks for which model, what the request may
+    still spend (attempts under AUTO_RETRY; time under request_timeout, set by its first channel) and what
+    failed so far."""
 
-    attempts: float
+    gw: Gateway
+    key: ApiKey
+    model: str
+    record: RequestRecord | None = None
+    attempts_left: float = math.inf
     deadline: float | None = None
+    failures: list[tuple[Channel, UpstreamError]] = field(default_factory=list)
 
-    def start(self, config: Config, first_timeout: float) -> None:
+    def start_clock(self, first_timeout: float) -> None:
         if self.deadline is None:
-            cap = 2 * first_timeout if config.request_timeout is None else config.request_timeout or math.inf
+            cap = self.gw.config.request_timeout
+            cap = 2 * first_timeout if cap is None else cap or math.inf
             self.deadline = time.monotonic() + cap
 
     def time_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def can_spend(self) -> bool:
+        return self.attempts_left > 0 and self.time_left() > 0
+
+    def log_attempt(self, channel: Channel, index: int | None, status: int, started: float, why: str) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        if self.record is not None:
+            self.record.add_attempt(channel, index, status, ms)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("attempt key=%s provider=%s model=%s key_index=%s status=%d ms=%.1f %s", self.key.label,
+                        channel.provider, channel.upstream_model, "none" if index is None else index, status, ms,
+                        why)
 
 
 class _OutOfTime(UpstreamError):
@@ -2310,10 +2343,10 @@ class _NotServed(UpstreamError):
 
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
     """Admit one request of `key` for `model`, then fail over across its channels."""
-    return await failover(gw, key, model, await admit(gw, key, model), send, record)
+    return await failover(gw, key, model, await admitted_channels(gw, key, model), send, record)
 
 
-async def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+async def admitted_channels(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
     channels = channels_for(gw, key, model)
     if gw.shared is None:
@@ -2328,82 +2361,79 @@ async def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
 async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
                    record: RequestRecord | None = None) -> Response:
     """Try `channels` in scheduled order, each key of a channel at most once."""
-    budget = _Budget(math.inf if key.retries is None else key.retries + 1)
-    failures: list[tuple[Channel, UpstreamError]] = []
+    flow = Flow(gw, key, model, record, math.inf if key.retries is None else key.retries + 1)
     for channel in gw.scheduler.plan(key.token, channels, key.strategy):
-        response = await _try_channel(gw, key, channel, send, budget, failures, record)
+        response = await _try_channel(flow, channel, send)
         if response is not None:
             return response
-    raise _all_failed(model, failures)
+    raise _all_failed(model, flow.failures)
 
 
-async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Sender, budget: _Budget,
-                       failures: list[tuple[Channel, UpstreamError]],
-                       record: RequestRecord | None = None) -> Response | None:
-    """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
+async def _try_channel(flow: Flow, channel: Channel, send: Sender) -> Response | None:
+    """The channel's keys in turn until one answers or a failure is the channel's; failures go on `flow`."""
+    gw = flow.gw
     policy = gw.config.policies[channel.provider]
     timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
-    budget.start(gw.config, timeout)
-    tried: list[int] = []
-    while budget.attempts > 0 and (left := budget.time_left()) > 0:
-        index = await _next_key(gw, policy, channel.upstream_model, tried)
-        if index is None:
-            if tried:  # every key failed this request: the channel failed
-                await channel_failed(gw, channel)
-            else:
-                failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
-            return None
-        tried.append(index)
-        budget.attempts -= 1
+    flow.start_clock(timeout)
+    tried = False
+    async for index in _keys(flow, policy, channel.upstream_model):
+        tried, left = True, flow.time_left()
+        flow.attempts_left -= 1
         started = time.perf_counter()
-        outcome = await _attempt(gw, key, channel, index, timeout, send, left, record)
+        outcome = await _attempt(flow, channel, index, timeout, send, left)
         gw.recent.record(channel, outcome, time.perf_counter() - started)
         if isinstance(outcome, Response):
             return outcome
-        failures.append((channel, outcome))
+        flow.failures.append((channel, outcome))
         if not outcome.retryable:
             raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
                                code="upstream_error")
         if isinstance(outcome, _OutOfTime):
-            budget.attempts = 0
+            flow.attempts_left = 0
         elif isinstance(outcome, _NotServed):
-            budget.attempts += 1  # nothing was sent upstream
-        elif outcome.status in _KEY_FAILURES and index >= 0:
+            flow.attempts_left += 1  # nothing was sent upstream
+        elif outcome.status in _KEY_FAILURES and index is not None:
             await key_failed(gw, policy, index, outcome.retry_after)
             continue
         else:
             await channel_failed(gw, channel)
         return None
+    if not flow.can_spend():
+        return None
+    if tried:  # every key failed this request: the channel failed
+        await channel_failed(gw, channel)
+    else:
+        flow.failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
     return None
 
 
-async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Sender, left: float = math.inf, record: RequestRecord | None = None
-                   ) -> Response | UpstreamError:
+async def _attempt(flow: Flow, channel: Channel, index: int | None, timeout: float, send: Sender,
+                   left: float = math.inf) -> Response | UpstreamError:
     """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
+    gw = flow.gw
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
     started = time.perf_counter()
 
     async def send_once() -> Response:
         token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
-        target = Target(provider, channel.upstream_model, provider.api_keys[index] if index >= 0 else "", token,
-                        time.time())
-        return await send(channel, adapter, target, timeout)
+        api_key = "" if index is None else provider.api_keys[index]
+        return await send(channel, adapter, Target(provider, channel.upstream_model, api_key, token, time.time()),
+                          timeout)
 
     try:
         response = await _within(None if left == math.inf else left, send_once())
     except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
         exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
-        _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}", record)
+        flow.log_attempt(channel, index, exc.status, started, f"stopping: {exc.message}")
         return exc
     except UpstreamError as exc:
         exc.message = _redact_secrets(exc.message, gw.config.secrets)
-        _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
+        flow.log_attempt(channel, index, exc.status, started, f"moving on: {exc.message}")
         return exc
     if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
         await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
-    _log_attempt(key, channel, index, response.status_code, started, "", record)
+    flow.log_attempt(channel, index, response.status_code, started, "")
     return response
 
 
@@ -2414,16 +2444,6 @@ async def _within(seconds: float | None, work: Awaitable[T]) -> T:
         return await asyncio.wait_for(work, seconds)
     async with asyncio.timeout(seconds):
         return await work
-
-
-def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started: float, why: str,
-                 record: RequestRecord | None = None) -> None:
-    ms = (time.perf_counter() - started) * 1000
-    if record is not None:
-        record.add_attempt(channel, index, status, ms)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("attempt key=%s provider=%s model=%s key_index=%d status=%d ms=%.1f %s", key.label,
-                    channel.provider, channel.upstream_model, index, status, ms, why)
 
 
 def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -> AllChannelsFailed:
@@ -2528,7 +2548,7 @@ async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
 async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
                     client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
     """Admission, then moderation when the key has it on, then the attempts."""
-    channels = await admit(gw, key, model)
+    channels = await admitted_channels(gw, key, model)
     if key.moderation:
         await moderate(gw, key, face.user_text(body))
     return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
