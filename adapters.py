@@ -3212,7 +3212,7 @@ def _check_values(body: Mapping[str, Any]) -> None:
 
 
 def _check_message(item: Mapping[str, Any], where: str) -> None:
-    if item.get("role") not in _INPUT_ROLES:
+    if not isinstance(item.get("role"), str) or item["role"] not in _INPUT_ROLES:
         raise RequestError(f"Invalid value for '{where}.role': {item.get('role')!r}.", f"{where}.role", "invalid_value")
     _check_parts(item.get("content"), f"{where}.content")
 
@@ -3254,6 +3254,7 @@ def _check_items(body: Mapping[str, Any]) -> None:
     for i, item in enumerate(items if isinstance(items, list) else ()):
         if not isinstance(item, dict):
             raise RequestError(f"Invalid type for 'input[{i}]': expected an object.", f"input[{i}]", "invalid_type")
+        _check_type(item.get("type"), (str,), f"input[{i}].type")
         check = _INPUT_CHECKS.get(item.get("type") or ("message" if "role" in item else ""))
         if check is None and not isinstance(item.get("type"), str):
             raise RequestError(f"Missing required parameter: 'input[{i}].type'.", f"input[{i}].type",
@@ -3555,8 +3556,10 @@ def previous_not_found(response_id: str) -> RequestError:
 
 
 def chain_input(stored: list[dict[str, Any]], body: Mapping[str, Any]) -> dict[str, Any]:
-    """The body with a stored response's context (its input and output items) before its own input."""
-    return {**body, "input": [*stored, *responses_input(body)]}
+    """The body with a stored response's context (its input and output items) before its own input, and without
+    previous_response_id: the gateway resolved it, so no engine (a Responses-native one included) gets it."""
+    rest = {name: value for name, value in body.items() if name != "previous_response_id"}
+    return {**rest, "input": [*stored, *responses_input(body)]}
 
 
 def stored_items(body: Mapping[str, Any], response: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -3818,8 +3821,13 @@ class ResponsesFace(Face):
     name = "responses"
     native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({"responses": ResponsesNativeAdapter()})
 
-    def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.on_answer = on_answer
+    def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None,
+                 previous_response_id: str | None = None) -> None:
+        self.on_answer, self.previous_response_id = on_answer, previous_response_id
+
+    def echoed(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The body a response echoes: with the previous_response_id the gateway resolved (see chain_input)."""
+        return {**body, "previous_response_id": self.previous_response_id} if self.previous_response_id else body
 
     def answered(self, response: dict[str, Any]) -> dict[str, Any]:
         if self.on_answer is not None:
@@ -3851,10 +3859,10 @@ class ResponsesFace(Face):
         return to_chat_request(body)
 
     def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
-        return self.answered(from_chat_completion(completion, body, model))
+        return self.answered(from_chat_completion(completion, self.echoed(body), model))
 
     def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
-        return _ResponsesStream(body, model, on_answer=self.on_answer)
+        return _ResponsesStream(self.echoed(body), model, on_answer=self.on_answer)
 
     def error_body(self, message: str, status: int, type_: str, code: str | None,
                    param: str | None = None) -> dict[str, Any]:

@@ -1500,13 +1500,15 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """Recent responses for previous_response_id and GET / DELETE /v1/responses/{id}, capped by StoreLimits
-    (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the current limits."""
+    """Recent responses for previous_response_id, item_reference inputs and GET / DELETE /v1/responses/{id}, capped
+    by StoreLimits (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the
+    current limits."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self._bytes = 0
+        self._items: dict[str, str] = {}  # output item id -> the stored response holding it
 
     def put(self, owner: bytes, response: Mapping[str, Any], items: Sequence[Any], limits: StoreLimits) -> None:
         size = len(adapters.dumps(response)) + len(adapters.dumps(list(items)))
@@ -1514,8 +1516,14 @@ class ResponseStore:
         if size > limits.max_bytes or not limits.max_count:
             return
         self._entries[str(response["id"])] = StoredResponse(owner, response, tuple(items), size, self._clock())
+        self._items.update((str(item["id"]), str(response["id"])) for item in _output_items(response))
         self._bytes += size
         self._evict(limits)
+
+    def item(self, item_id: str, owner: bytes, limits: StoreLimits) -> Mapping[str, Any] | None:
+        """An output item of a stored response, by its id (what an item_reference input names)."""
+        found = self.get(self._items.get(item_id, ""), owner, limits)
+        return next((item for item in _output_items(found.response) if item["id"] == item_id), None) if found else None
 
     def get(self, response_id: str, owner: bytes, limits: StoreLimits) -> StoredResponse | None:
         self._evict(limits)
@@ -1534,7 +1542,10 @@ class ResponseStore:
 
     def _pop(self, response_id: str) -> bool:
         gone = self._entries.pop(response_id, None)
-        self._bytes -= gone.size if gone else 0
+        if gone is not None:
+            self._bytes -= gone.size
+            for item in _output_items(gone.response):
+                self._items.pop(str(item["id"]), None)
         return gone is not None
 
     def _evict(self, limits: StoreLimits) -> None:
@@ -1545,6 +1556,10 @@ class ResponseStore:
                     and first.stored_at > oldest):
                 return
             self._pop(next(iter(self._entries)))
+
+
+def _output_items(response: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    return (item for item in response.get("output") or () if isinstance(item, Mapping) and item.get("id"))
 
 
 @dataclass(slots=True)
@@ -2847,7 +2862,8 @@ class ResponseNotFound(GatewayError):
 
 class CompactNotServed(GatewayError):
     """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
-    Codex does not retry it and compacts with an ordinary request instead."""
+    a client does not retry it (Codex calls compact only for its built-in `openai` provider, codex-rs
+    compact.rs should_use_remote_compact_task; a custom provider compacts with an ordinary request)."""
 
     status, type, code = 404, "invalid_request_error", "compact_not_supported"
 
@@ -2862,6 +2878,22 @@ def _chained(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str,
         error = adapters.previous_not_found(previous)
         raise InvalidRequest(error.message, code=error.code, param=error.param)
     return adapters.chain_input(list(stored.items), body)
+
+
+def _dereferenced(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """item_reference inputs replaced by the stored items they name (the AI SDK sends earlier answers so when
+    `store` is on); one the store does not hold gets OpenAI's 400."""
+    items = body.get("input")
+    if not isinstance(items, list) or not any(item.get("type") == "item_reference" for item in items):
+        return body
+    resolved = []
+    for i, item in enumerate(items):
+        found = gw.responses.item(str(item.get("id")), owner, gw.config.responses_store) if item.get(
+            "type") == "item_reference" else item
+        if found is None:
+            raise InvalidRequest(f"Item with id '{item.get('id')}' not found.", param=f"input[{i}]")
+        resolved.append(found)
+    return {**body, "input": resolved}
 
 
 def _keeper(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Callable[[dict[str, Any]], None] | None:
@@ -2884,8 +2916,9 @@ async def responses(request: Request) -> Response:
     body = await read_json(request, gw.config.body_limit)
     model = checked(face.validate, body)
     owner = _digest(key.token)
-    body = _chained(gw, owner, body)
-    storing = adapters.ResponsesFace(_keeper(gw, owner, body))
+    previous = body.get("previous_response_id")
+    body = _chained(gw, owner, _dereferenced(gw, owner, body))
+    storing = adapters.ResponsesFace(_keeper(gw, owner, body), previous)
     record = _track(request, key, model)
     return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
 

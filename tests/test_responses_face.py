@@ -98,6 +98,8 @@ def test_a_full_request_as_the_sdk_sends_it_is_valid_and_names_its_model() -> No
     ({"input": 5}, "input"),
     ({"input": ["hi"]}, "input[0]"),
     ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"role": ["user"], "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "hi"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": 7}]}, "input[0].content"),
     ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
@@ -399,7 +401,12 @@ def test_an_empty_stream_still_opens_and_completes() -> None:
 def test_chaining_prepends_the_stored_input_and_output_items() -> None:
     first = {"model": "m", "input": "hi", "instructions": "Be brief."}
     response = FACE.from_chat(completion({"role": "assistant", "content": "Hello"}), first, "m")
-    chained = adapters.chain_input(adapters.stored_items(first, response), {"model": "m", "input": "again"})
+    chained = adapters.chain_input(adapters.stored_items(first, response),
+                                   {"model": "m", "input": "again", "previous_response_id": response["id"]})
+    assert "previous_response_id" not in chained  # resolved: no engine gets the gateway's own id
+    echoed = adapters.ResponsesFace(previous_response_id=response["id"]).from_chat(
+        completion({"role": "assistant", "content": "ok"}), chained, "m")
+    assert echoed["previous_response_id"] == response["id"]
     assert FACE.to_chat(chained)["messages"] == [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "again"}]
