@@ -2100,20 +2100,30 @@ _RESPONSES_ERROR_STATUS: Final[Mapping[str, int]] = MappingProxyType(
 )
 
 
+def _responses_image(part: Mapping[str, Any]) -> dict[str, Any]:
+    image = part.get("image_url")
+    image = image if isinstance(image, Mapping) else {"url": image}
+    return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail") or "auto"}
+
+
+def _responses_file(part: Mapping[str, Any]) -> dict[str, Any]:
+    file = part.get("file") if isinstance(part.get("file"), Mapping) else {}
+    return {"type": "input_file", **{k: file[k] for k in ("file_id", "file_data", "filename") if file.get(k)}}
+
+
+# Chat content part type -> Responses input content part (InputContent: input_text, input_image, input_file).
+_RESPONSES_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = MappingProxyType({
+    "text": lambda part: {"type": "input_text", "text": part.get("text") or ""},
+    "image_url": _responses_image,
+    "file": _responses_file,
+})
+
+
 def _responses_part(part: Mapping[str, Any]) -> dict[str, Any]:
-    """A chat content part as a Responses input content part (InputContent: input_text, input_image,
-    input_file); Responses inputs take no audio."""
-    kind = part.get("type")
-    if kind == "text":
-        return {"type": "input_text", "text": part.get("text") or ""}
-    if kind == "image_url":
-        image = part.get("image_url")
-        image = image if isinstance(image, Mapping) else {"url": image}
-        return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail") or "auto"}
-    if kind == "file":
-        file = part.get("file") if isinstance(part.get("file"), Mapping) else {}
-        return {"type": "input_file", **{k: file[k] for k in ("file_id", "file_data", "filename") if file.get(k)}}
-    raise UpstreamError(400, f"the Responses API does not accept '{kind}' content", retryable=True)
+    convert = _RESPONSES_PARTS.get(part.get("type"))
+    if convert is None:  # Responses inputs take no audio
+        raise UpstreamError(400, f"the Responses API does not accept '{part.get('type')}' content", retryable=True)
+    return convert(part)
 
 
 def _responses_content(content: Any) -> str | list[dict[str, Any]]:
