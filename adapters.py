@@ -2127,10 +2127,420 @@ def _is_cloudflare(url: SplitResult, model: str) -> bool:
     return url.hostname == "api.cloudflare.com" and not url.path.rstrip("/").endswith(_CHAT_SUFFIX)
 
 
+# --- OpenAI Responses (engine "responses") ---
+# A provider that speaks only OpenAI's Responses API (base_url `.../v1/responses`, e.g. gpt-5-pro and the *-codex
+# models) serves chat and Messages clients too: chat requests become Responses requests and answers come back as
+# chat completions. OpenAI API reference, "Responses": "Create a model response" (request body), "The response
+# object", "Streaming events"; "Migrate to the Responses API" (the field-by-field table from Chat Completions).
+
+_RESPONSES_SUFFIX: Final = "/responses"
+# Chat fields that keep their name and meaning in a Responses request ("Create a model response").
+_RESPONSES_SAME_FIELDS: Final = ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
+                                 "prompt_cache_key", "prompt_cache_retention", "service_tier", "metadata")
+# Chat fields the Responses API has no counterpart for: each changes the answer, so a set one is refused (and the
+# next channel tried) rather than dropped. A value in the second place is the harmless one that is ignored.
+_RESPONSES_REFUSED: Final[Mapping[str, Any]] = MappingProxyType(
+    {"stop": None, "n": 1, "logit_bias": None, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False,
+     "audio": None, "prediction": None, "functions": None, "function_call": None, "web_search_options": None}
+)
+# "The response object": incomplete_details.reason -> chat finish_reason.
+_RESPONSES_INCOMPLETE: Final[Mapping[str, str]] = MappingProxyType(
+    {"max_output_tokens": "length", "content_filter": "content_filter"}
+)
+# ResponseErrorCode (response.failed) and the `error` event's code -> HTTP status; unknown codes are 502.
+_RESPONSES_ERROR_STATUS: Final[Mapping[str, int]] = MappingProxyType(
+    {"rate_limit_exceeded": 429, "insufficient_quota": 429, "server_error": 502, "vector_store_timeout": 504,
+     "context_length_exceeded": 400, "invalid_prompt": 400, "bio_policy": 400, "data_residency_mismatch": 400,
+     **dict.fromkeys(("invalid_image", "invalid_image_format", "invalid_base64_image", "invalid_image_url",
+                      "image_too_large", "image_too_small", "image_parse_error", "image_content_policy_violation",
+                      "invalid_image_mode", "image_file_too_large", "unsupported_image_media_type",
+                      "empty_image_file", "failed_to_download_image", "image_file_not_found"), 400)}
+)
+
+
+def _responses_image(part: Mapping[str, Any]) -> dict[str, Any]:
+    image = part.get("image_url")
+    image = image if isinstance(image, Mapping) else {"url": image}
+    return {"type": "input_image", "image_url": image.get("url"), "detail": image.get("detail") or "auto"}
+
+
+def _responses_file(part: Mapping[str, Any]) -> dict[str, Any]:
+    file = part.get("file") if isinstance(part.get("file"), Mapping) else {}
+    return {"type": "input_file", **{k: file[k] for k in ("file_id", "file_data", "filename") if file.get(k)}}
+
+
+# Chat content part type -> Responses input content part (InputContent: input_text, input_image, input_file).
+_RESPONSES_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = MappingProxyType({
+    "text": lambda part: {"type": "input_text", "text": part.get("text") or ""},
+    "image_url": _responses_image,
+    "file": _responses_file,
+})
+
+
+def _responses_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    convert = _RESPONSES_PARTS.get(part.get("type"))
+    if convert is None:  # Responses inputs take no audio
+        raise UpstreamError(400, f"the Responses API does not accept '{part.get('type')}' content", retryable=True)
+    return convert(part)
+
+
+def _responses_content(content: Any) -> str | list[dict[str, Any]]:
+    if isinstance(content, list):
+        return [_responses_part(part) for part in content if isinstance(part, Mapping)]
+    return content if isinstance(content, str) else ""
+
+
+def _responses_message(message: Mapping[str, Any], custom: set[str]) -> list[dict[str, Any]]:
+    """user, system and developer messages: one `message` item (EasyInputMessage)."""
+    return [{"type": "message", "role": message["role"], "content": _responses_content(message.get("content"))}]
+
+
+def _responses_assistant(message: Mapping[str, Any], custom: set[str]) -> list[dict[str, Any]]:
+    """The assistant's text as a message item, then each tool call as a function_call (or custom_tool_call) item."""
+    text = _text_of(message.get("content"))
+    items: list[dict[str, Any]] = [{"type": "message", "role": "assistant", "content": text}] if text else []
+    for call in message.get("tool_calls") or ():
+        if call.get("type") == "custom":
+            custom.add(call.get("id") or "")
+            tool = call.get("custom") or {}
+            items.append({"type": "custom_tool_call", "call_id": call.get("id"), "name": tool.get("name"),
+                          "input": tool.get("input") or ""})
+        else:
+            function = call.get("function") or {}
+            items.append({"type": "function_call", "call_id": call.get("id"), "name": function.get("name"),
+                          "arguments": _json_text(function.get("arguments"))})
+    return items
+
+
+def _responses_tool_output(message: Mapping[str, Any], custom: set[str]) -> list[dict[str, Any]]:
+    """A tool result: function_call_output (FunctionCallOutputItemParam: a string or input parts)."""
+    call_id = message.get("tool_call_id")
+    kind = "custom_tool_call_output" if call_id in custom else "function_call_output"
+    return [{"type": kind, "call_id": call_id, "output": _responses_content(message.get("content"))}]
+
+
+_RESPONSES_TURNS: Final[Mapping[str, Callable[[Mapping[str, Any], set[str]], list[dict[str, Any]]]]] = (
+    MappingProxyType({"system": _responses_message, "developer": _responses_message, "user": _responses_message,
+                      "assistant": _responses_assistant, "tool": _responses_tool_output})
+)
+
+
+def to_responses_input(messages: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """(instructions, input items): the system and developer messages that open the conversation become
+    `instructions`; later ones stay in place as items with their role."""
+    messages = [m for m in messages or () if isinstance(m, Mapping)]
+    leading = 0
+    while leading < len(messages) and messages[leading].get("role") in ("system", "developer"):
+        leading += 1
+    instructions = "\n\n".join(_text_of(m.get("content")) for m in messages[:leading]) or None
+    custom: set[str] = set()
+    items: list[dict[str, Any]] = []
+    for message in messages[leading:]:
+        turn = _RESPONSES_TURNS.get(message.get("role"))
+        if turn is None:
+            raise UpstreamError(400, f"the Responses API does not accept messages with role '{message.get('role')}'")
+        items.extend(turn(message, custom))
+    return instructions, items
+
+
+def _responses_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """FunctionTool is flat, and strict unless told otherwise: a chat tool is strict only when it says so."""
+    if tool.get("type") == "custom":
+        custom = tool.get("custom") or {}
+        return {"type": "custom", **{k: custom[k] for k in ("name", "description", "format") if k in custom}}
+    if tool.get("type") != "function":
+        return dict(tool)  # a hosted tool (web_search, ...) a Responses upstream may know
+    function = tool.get("function") or {}
+    converted = {"type": "function", "name": function.get("name"),
+                 "parameters": function.get("parameters") or {"type": "object", "properties": {}},
+                 "strict": bool(function.get("strict"))}
+    if function.get("description"):
+        converted["description"] = function["description"]
+    return converted
+
+
+def _responses_named(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"type": "function", "function": {"name"}}` (or custom) as the flat `{"type", "name"}` of ToolChoiceFunction."""
+    kind = tool.get("type") or "function"
+    return {"type": kind, "name": (tool.get(kind) or {}).get("name")}
+
+
+def _responses_tool_choice(choice: Any) -> Any:
+    if not isinstance(choice, Mapping):
+        return choice  # "none" | "auto" | "required" mean the same in both APIs
+    if choice.get("type") == "allowed_tools":  # ToolChoiceAllowed
+        allowed = choice.get("allowed_tools") or {}
+        return {"type": "allowed_tools", "mode": allowed.get("mode") or "auto",
+                "tools": [_responses_named(tool) for tool in allowed.get("tools") or ()]}
+    return _responses_named(choice)
+
+
+def _responses_text(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """response_format -> text.format (TextResponseFormatConfiguration: json_schema is flat); verbosity likewise."""
+    text: dict[str, Any] = {}
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping):
+        schema = response_format.get("json_schema") if response_format.get("type") == "json_schema" else None
+        text["format"] = {"type": response_format.get("type"), **(schema or {})}
+    if body.get("verbosity") is not None:
+        text["verbosity"] = body["verbosity"]
+    return text or None
+
+
+def _check_responses_fields(body: Mapping[str, Any]) -> None:
+    for name, harmless in _RESPONSES_REFUSED.items():
+        value = body.get(name)
+        if value is not None and value != harmless and value != []:
+            raise UpstreamError(400, f"the Responses API has no '{name}' parameter", retryable=True)
+    if "audio" in (body.get("modalities") or ()):
+        raise UpstreamError(400, "the Responses API does not answer with audio", retryable=True)
+
+
+def to_responses_request(body: Mapping[str, Any], tools: bool = True) -> dict[str, Any]:
+    """An OpenAI chat request as a Responses request ("Migrate to the Responses API": messages -> input, system
+    -> instructions, max_completion_tokens -> max_output_tokens, response_format -> text.format,
+    reasoning_effort -> reasoning.effort). Like chat, nothing is stored unless the client asked for `store`."""
+    _check_responses_fields(body)
+    instructions, items = to_responses_input(body.get("messages"))
+    request: dict[str, Any] = {"input": items, "store": bool(body.get("store"))}
+    if instructions is not None:
+        request["instructions"] = instructions
+    request.update((name, body[name]) for name in _RESPONSES_SAME_FIELDS if body.get(name) is not None)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        request["max_output_tokens"] = limit
+    reasoning = dict(body["reasoning"]) if isinstance(body.get("reasoning"), Mapping) else {}
+    if body.get("reasoning_effort") is not None:
+        reasoning["effort"] = body["reasoning_effort"]
+    if reasoning:
+        request["reasoning"] = reasoning
+    text = _responses_text(body)
+    if text:
+        request["text"] = text
+    if tools and body.get("tools"):
+        request["tools"] = [_responses_tool(tool) for tool in body["tools"] if isinstance(tool, Mapping)]
+    if tools and body.get("tool_choice") is not None:
+        request["tool_choice"] = _responses_tool_choice(body["tool_choice"])
+    if not tools:
+        request.pop("parallel_tool_calls", None)
+    if body.get("stream"):
+        request["stream"] = True
+    return request
+
+
+def responses_error(error: Any, fallback: str = "the upstream response failed") -> UpstreamError:
+    """A failed response's `error` ({code, message}) or an `error` stream event, as an UpstreamError."""
+    error = error if isinstance(error, Mapping) else {}
+    code = error.get("code")
+    status = _RESPONSES_ERROR_STATUS.get(code, 502) if isinstance(code, str) else 502
+    message = error.get("message") or fallback
+    return UpstreamError(status, f"{code}: {message}" if code else str(message))
+
+
+def _from_responses_call(item: Mapping[str, Any]) -> dict[str, Any]:
+    if item.get("type") == "custom_tool_call":
+        return {"id": item.get("call_id"), "type": "custom",
+                "custom": {"name": item.get("name"), "input": item.get("input") or ""}}
+    return {"id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": _json_text(item.get("arguments"))}}
+
+
+def _reasoning_text(item: Mapping[str, Any]) -> str:
+    """A reasoning item's readable text: its summary parts, else its reasoning_text content."""
+    parts = item.get("summary") or item.get("content") or ()
+    return "\n\n".join(str(part.get("text") or "") for part in parts if isinstance(part, Mapping))
+
+
+def _citation(annotation: Mapping[str, Any]) -> dict[str, Any]:
+    fields = ("start_index", "end_index", "url", "title")
+    return {"type": "url_citation", "url_citation": {k: annotation.get(k) for k in fields}}
+
+
+def _from_responses_output(output: list[Any]) -> dict[str, Any]:
+    """The output items (OutputItem) as one chat message: text, refusal, reasoning, citations and tool calls."""
+    items = [item for item in output if isinstance(item, Mapping)]
+    parts = [part for item in items if item.get("type") == "message"
+             for part in item.get("content") or () if isinstance(part, Mapping)]
+    text = "".join(str(p.get("text") or "") for p in parts if p.get("type") == "output_text")
+    refusal = "".join(str(p.get("refusal") or "") for p in parts if p.get("type") == "refusal")
+    message: dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": refusal or None}
+    reasoning = "\n\n".join(_reasoning_text(item) for item in items if item.get("type") == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    citations = [_citation(a) for p in parts for a in p.get("annotations") or ()
+                 if isinstance(a, Mapping) and a.get("type") == "url_citation"]
+    if citations:
+        message["annotations"] = citations
+    calls = [_from_responses_call(item) for item in items if item.get("type") in ("function_call", "custom_tool_call")]
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _responses_finish(response: Mapping[str, Any], called: bool) -> str:
+    if response.get("status") == "incomplete":
+        reason = (response.get("incomplete_details") or {}).get("reason")
+        return _RESPONSES_INCOMPLETE.get(reason, "length")
+    return "tool_calls" if called else "stop"
+
+
+@dataclass(slots=True)
+class _ResponsesChunks:
+    """One Responses stream being converted: output items -> tool-call indexes, arguments sent so far."""
+
+    chunks: ChunkStream
+    tools: dict[str, int] = field(default_factory=dict)  # item id (or output index) -> chat tool_calls index
+    sent: dict[str, str] = field(default_factory=dict)  # item id -> arguments (or input) streamed so far
+    final: Mapping[str, Any] | None = None  # the response of the terminal event
+
+    def _key(self, event: Mapping[str, Any]) -> str:
+        item = event.get("item")
+        return str((item or {}).get("id") or event.get("output_index")) if item else str(
+            event.get("item_id") or event.get("output_index"))
+
+    def on_item_added(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        item = event.get("item") or {}
+        if item.get("type") not in ("function_call", "custom_tool_call"):
+            return None
+        key = self._key(event)
+        index = self.tools[key] = len(self.tools)
+        call = {"index": index, **_from_responses_call(item)}
+        field_name = "input" if item.get("type") == "custom_tool_call" else "arguments"
+        self.sent[key] = str(item.get(field_name) or "")
+        (call.get("function") or call.get("custom") or {})[field_name] = self.sent[key]
+        return {"tool_calls": [call]}
+
+    def on_arguments(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        key = self._key(event)
+        if key not in self.tools or not event.get("delta"):
+            return None
+        self.sent[key] += event["delta"]
+        return {"tool_calls": [{"index": self.tools[key], "function": {"arguments": event["delta"]}}]}
+
+    def on_custom_input(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        key = self._key(event)
+        if key not in self.tools or not event.get("delta"):
+            return None
+        self.sent[key] += event["delta"]
+        return {"tool_calls": [{"index": self.tools[key], "type": "custom", "custom": {"input": event["delta"]}}]}
+
+    def on_item_done(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Some upstreams give a call's arguments only whole, in output_item.done: send what the deltas missed."""
+        item, key = event.get("item") or {}, self._key(event)
+        if key not in self.tools:
+            return None
+        custom = item.get("type") == "custom_tool_call"
+        whole = str(item.get("input" if custom else "arguments") or "")
+        rest = whole[len(self.sent[key]):] if whole.startswith(self.sent[key]) else ""
+        self.sent[key] = whole
+        if not rest:
+            return None
+        body = {"type": "custom", "custom": {"input": rest}} if custom else {"function": {"arguments": rest}}
+        return {"tool_calls": [{"index": self.tools[key], **body}]}
+
+    def on_summary_part(self, event: Mapping[str, Any]) -> dict[str, Any] | None:
+        # Summary parts read as paragraphs, as the non-stream answer joins them.
+        return {"reasoning_content": "\n\n"} if event.get("summary_index") else None
+
+    def on_end(self, event: Mapping[str, Any]) -> None:
+        self.final = event.get("response") or {}
+
+    def on_failed(self, event: Mapping[str, Any]) -> None:
+        raise responses_error((event.get("response") or {}).get("error"))
+
+    def on_error(self, event: Mapping[str, Any]) -> None:
+        raise responses_error(event, "the upstream stream failed")
+
+
+def _delta_of(name: str) -> Callable[[_ResponsesChunks, Mapping[str, Any]], dict[str, Any] | None]:
+    return lambda state, event: {name: event["delta"]} if event.get("delta") else None
+
+
+# "Streaming events": the ones that carry something a chat chunk has; the rest (content_part.*, *.done,
+# in_progress, annotation_added, hosted tools' progress) carry nothing new for it.
+_RESPONSES_STREAM_HANDLERS: Final[
+    Mapping[str, Callable[[_ResponsesChunks, Mapping[str, Any]], dict[str, Any] | None]]
+] = MappingProxyType({
+    "response.output_item.added": _ResponsesChunks.on_item_added,
+    "response.output_item.done": _ResponsesChunks.on_item_done,
+    "response.output_text.delta": _delta_of("content"),
+    "response.refusal.delta": _delta_of("refusal"),
+    "response.reasoning_summary_part.added": _ResponsesChunks.on_summary_part,
+    "response.reasoning_summary_text.delta": _delta_of("reasoning_content"),
+    "response.reasoning_text.delta": _delta_of("reasoning_content"),
+    "response.function_call_arguments.delta": _ResponsesChunks.on_arguments,
+    "response.custom_tool_call_input.delta": _ResponsesChunks.on_custom_input,
+    "response.completed": _ResponsesChunks.on_end,
+    "response.incomplete": _ResponsesChunks.on_end,
+    "response.failed": _ResponsesChunks.on_failed,
+    "error": _ResponsesChunks.on_error,
+})
+
+
+class ResponsesAdapter(Adapter):
+    """OpenAI's Responses API as an upstream: chat in, Responses out, and the answer back as chat.
+    Its other endpoints (embeddings, models, ...) sit next to /responses, as gpt's sit next to /chat/completions."""
+
+    engine = "responses"
+
+    def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
+        base = target.provider.base_url.rstrip("/").removesuffix(_RESPONSES_SUFFIX).removesuffix(_CHAT_SUFFIX)
+        return base + (_RESPONSES_SUFFIX if endpoint == "chat" else _OPENAI_PATHS[endpoint])
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        request = {"model": target.upstream_model, **to_responses_request(body, target.provider.tools)}
+        return self.apply_overrides(request, target)
+
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
+        if not isinstance(native, dict) or not isinstance(native.get("output"), list):
+            if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
+                raise responses_error(native["error"])
+            raise UpstreamError(502, "upstream answered without output")
+        if native.get("status") not in ("completed", "incomplete"):
+            raise responses_error(native.get("error"), f"the upstream response is {native.get('status')}")
+        message = _from_responses_output(native["output"])
+        finish = _responses_finish(native, bool(message.get("tool_calls")))
+        stamp = native.get("created_at")  # 0 (none given) is stamped by the gateway
+        created = int(stamp) if isinstance(stamp, (int, float)) else 0
+        return build_completion(model, created, message, finish, from_responses_usage(native.get("usage")))
+
+    async def parse_stream(
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events until the terminal one (response.completed or .incomplete); response.failed and `error`
+        raise, so a failure before the first chunk moves on to the next channel. Chunks leave `created` 0 for the
+        gateway to stamp, as every converted stream's do."""
+        state = _ResponsesChunks(ChunkStream(model))
+        async for event in events:
+            data = _load_event(event)
+            handler = _RESPONSES_STREAM_HANDLERS.get(data.get("type"))
+            delta = handler(state, data) if handler else None
+            if delta:
+                yield state.chunks.delta(delta)
+            if state.final is not None:
+                break
+        else:
+            raise UpstreamError(502, "upstream stream ended before response.completed")
+        finish = _responses_finish(state.final, bool(state.tools))
+        for chunk in state.chunks.tail(finish, from_responses_usage(state.final.get("usage")), include_usage):
+            yield chunk
+
+
+class ResponsesNativeAdapter(ResponsesAdapter):
+    """A Responses request sent to a Responses upstream as it came, but for the model name (and the tools, for a
+    provider with `tools: false`); its answer is relayed by the Responses face."""
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        stripped = ("tools", "tool_choice", "parallel_tool_calls") if not target.provider.tools else ()
+        request = {name: value for name, value in body.items() if name not in stripped}
+        return self.apply_overrides({**request, "model": target.upstream_model}, target)
+
+
 _OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = (CohereAdapter(), CloudflareAdapter())
 
 ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(
-    {a.engine: a for a in (*_OPENAI_ADAPTERS, *_CLAUDE_ADAPTERS, *_GOOGLE_ADAPTERS, *_OTHER_ADAPTERS)}
+    {a.engine: a for a in (*_OPENAI_ADAPTERS, *_CLAUDE_ADAPTERS, *_GOOGLE_ADAPTERS, *_OTHER_ADAPTERS,
+                            ResponsesAdapter())}
 )
 
 # --- Faces: the client APIs ---
@@ -3480,7 +3890,7 @@ class ResponsesFace(Face):
     response object (converted or native, whole or streamed): the gateway stores them for previous_response_id."""
 
     name = "responses"
-    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})  # the Responses-native engine registers here
+    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({"responses": ResponsesNativeAdapter()})
 
     def __init__(self, on_answer: Callable[[dict[str, Any]], None] | None = None,
                  previous_response_id: str | None = None) -> None:
@@ -3582,6 +3992,7 @@ ENGINE_RULES: Final[tuple[EngineRule, ...]] = (
     *_GOOGLE_RULES,
     *_CLAUDE_RULES,
     *_OTHER_RULES,
+    ("responses", _path(_RESPONSES_SUFFIX)),  # OpenAI's Responses API (also openrouter.ai/api/v1/responses)
     ("azure", _host(".openai.azure.com")),
     ("openrouter", _host("openrouter.ai")),
 )

@@ -165,10 +165,10 @@ echo "$VERSION" | grep -Eq '^[0-9A-Za-z][0-9A-Za-z.+_-]*$' || die "VERSION '$VER
 
 # Stage the app's own files; the pex gets exactly these (plus the locked dependencies).
 STAGE=$(mktemp -d "$CACHE/stage.XXXXXX")
-# The universal pex takes requirements.txt without its compiled speedups (httptools, orjson).
+# The universal pex takes requirements.txt without its compiled modules (httptools, orjson, zstandard).
 UNIVERSAL_REQS=$(mktemp "$CACHE/requirements-universal.XXXXXX")
 trap 'rm -rf "$STAGE" "$UNIVERSAL_REQS"' EXIT
-grep -vE '^(httptools|orjson)\b' requirements.txt > "$UNIVERSAL_REQS"
+grep -vE '^(httptools|orjson|zstandard)\b' requirements.txt > "$UNIVERSAL_REQS"
 for f in $APP_FILES; do
     if [ -f "$f" ]; then
         cp "$f" "$STAGE/$f"

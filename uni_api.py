@@ -44,6 +44,7 @@ import socket
 import sqlite3
 import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,7 +52,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import aiohttp
 from ruamel.yaml import YAML
@@ -129,6 +130,10 @@ class InvalidRequest(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class UnsupportedEncoding(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
 
 
 class InvalidApiKey(GatewayError):
@@ -911,18 +916,143 @@ def find_key(config: Config, token: str) -> ApiKey:
     return key
 
 
+# Content-Encoding of request bodies (RFC 9110 section 8.4.1; zstd: RFC 8878). Codex CLI sends zstd. Each decoder
+# is given the room left under the body limit and returns at most one byte more, which is enough to refuse.
+try:  # Python 3.14's standard library
+    from compression import zstd as _stdlib_zstd  # type: ignore[import-not-found]
+except ImportError:
+    _stdlib_zstd = None
+try:  # the maintained binding, where it comes as a wheel (requirements.txt)
+    import zstandard as _zstandard
+except ImportError:
+    _zstandard = None
+
+
+class _BodyDecoder(Protocol):
+    def feed(self, data: bytes, room: int) -> bytes: ...
+
+    def finish(self) -> None: ...
+
+
+class _BoundedDecoder:
+    """zlib's and compression.zstd's decompressors: `decompress(data, max_length)` keeps what it did not emit."""
+
+    def __init__(self, name: str, decompressor: Any) -> None:
+        self._name, self._decompressor = name, decompressor
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        try:
+            return self._decompressor.decompress(data, room + 1)
+        except _DECODE_ERRORS as exc:
+            raise _undecodable(self._name, exc) from None
+
+    def finish(self) -> None:
+        if not self._decompressor.eof:
+            raise InvalidRequest(f"Request body ends inside its {self._name} stream.")
+
+
+class _Overflow(Exception):
+    """Raised by the zstandard sink once the room is used up, which stops the decompressor where it is."""
+
+
+@dataclass(slots=True)
+class _Sink:
+    room: int = 0
+    chunks: list[bytes] = field(default_factory=list)
+
+    def write(self, data: bytes) -> int:
+        self.chunks.append(data)
+        self.room -= len(data)
+        if self.room < 0:
+            raise _Overflow
+        return len(data)
+
+
+class _ZstandardDecoder:
+    """zstandard's stream_writer hands its output over in pieces of write_size, so a bomb stops at the first
+    piece past the room. (Its decompressobj has no output cap; a truncated frame shows up as a bad body.)"""
+
+    def __init__(self) -> None:
+        self._sink = _Sink()
+        self._writer = _zstandard.ZstdDecompressor().stream_writer(self._sink, write_size=64 * 1024)
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        self._sink.room, self._sink.chunks = room + 1, []
+        try:
+            self._writer.write(data)
+        except _Overflow:
+            pass
+        except _DECODE_ERRORS as exc:
+            raise _undecodable("zstd", exc) from None
+        return b"".join(self._sink.chunks)
+
+    def finish(self) -> None:
+        return None
+
+
+def _undecodable(name: str, exc: Exception) -> InvalidRequest:
+    return InvalidRequest(f"Request body is not valid {name} data: {exc}", code="invalid_content_encoding")
+
+
+_DECODE_ERRORS: Final = tuple(error for error in (
+    zlib.error, EOFError, getattr(_stdlib_zstd, "ZstdError", None), getattr(_zstandard, "ZstdError", None)) if error)
+
+
+def _zstd_decoder() -> _BodyDecoder | None:
+    if _stdlib_zstd is not None:
+        return _BoundedDecoder("zstd", _stdlib_zstd.ZstdDecompressor())
+    return _ZstandardDecoder() if _zstandard is not None else None
+
+
+# "deflate" is the zlib format (RFC 9110 section 8.4.1.2); gzip's wbits take the gzip header.
+BODY_DECODERS: Final[Mapping[str, Callable[[], _BodyDecoder | None]]] = MappingProxyType({
+    "gzip": lambda: _BoundedDecoder("gzip", zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    "x-gzip": lambda: _BoundedDecoder("gzip", zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    "deflate": lambda: _BoundedDecoder("deflate", zlib.decompressobj(zlib.MAX_WBITS)),
+    "zstd": _zstd_decoder,
+})
+
+
+def body_decoder(encoding: str) -> _BodyDecoder | None:
+    """The decoder for a Content-Encoding header (None: identity); 415 for a coding the gateway cannot decode."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return None
+    make = BODY_DECODERS.get(name)
+    decoder = make() if make is not None else None
+    if decoder is not None:
+        return decoder
+    if make is not None:
+        raise UnsupportedEncoding(f"Content-Encoding '{name}' needs a zstd decoder: install the zstandard package "
+                                  "(pip install zstandard) or run on Python 3.14, or send the body uncompressed.")
+    raise UnsupportedEncoding(f"Content-Encoding '{name}' is not supported; send the body as zstd, gzip, deflate "
+                              "or uncompressed (one coding).")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body, decoded per Content-Encoding; the limit holds for the compressed and the decoded size, and a
+    decoder never makes more than the room left, so a decompression bomb costs no memory before its 413."""
+    decoder = body_decoder(request.headers.get("content-encoding", ""))
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        raise _too_large(limit)
     chunks: list[bytes] = []
-    size = 0
+    size = received = 0
     async for chunk in request.stream():
+        received += len(chunk)
+        if decoder is not None:
+            chunk = decoder.feed(chunk, limit - size)
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        if size > limit or received > limit:
+            raise _too_large(limit)
         chunks.append(chunk)
+    if decoder is not None:
+        decoder.finish()
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes (decoded).")
 
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:

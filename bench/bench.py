@@ -417,11 +417,32 @@ def _aws_events(n: int) -> list[tuple[str, str]]:
     return [("chunk", data) for _, data in _claude_events(n)]
 
 
+def _responses_events(n: int) -> list[tuple[str, str]]:
+    """A Responses API stream ("Streaming events"): created, in_progress, one message item's text deltas, the
+    item's closing events and response.completed."""
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    item = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n + 9}
+    head = [{"type": "response.created", "response": {"id": "resp_1", "created_at": 1, "status": "in_progress"}},
+            {"type": "response.in_progress", "response": {"id": "resp_1", "status": "in_progress"}},
+            {"type": "response.output_item.added", "output_index": 0, "item": item},
+            {"type": "response.content_part.added", **where, "part": part}]
+    tail = [{"type": "response.output_text.done", **where, "text": "", "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": {**item, "status": "completed"}},
+            {"type": "response.completed", "response": {"id": "resp_1", "status": "completed", "usage": usage}}]
+    delta = {"type": "response.output_text.delta", **where, "delta": " tok", "logprobs": []}
+    events = head + [delta] * max(0, n - len(head) - len(tail)) + tail
+    return [(e["type"], json.dumps({**e, "sequence_number": i})) for i, e in enumerate(events)]
+
+
 # Representative upstream events per engine (first the recorded fixture where tests/fixtures has one).
 ENGINE_EVENTS = {"gpt": _openai_events, "openrouter": _openai_events, "azure": _openai_events,
                  "cohere": _cohere_events, "cloudflare": _cloudflare_events, "claude": _claude_events,
                  "vertex-claude": _claude_events, "aws": _aws_events, "gemini": _gemini_events,
-                 "vertex-gemini": _gemini_events}
+                 "vertex-gemini": _gemini_events, "responses": _responses_events}
 
 
 def _sse_bytes(events: list[tuple[str, str]]) -> bytes:
@@ -449,18 +470,26 @@ def _aws_bytes(events: list[tuple[str, str]]) -> bytes:
 WIRE_ENCODERS = {"sse": _sse_bytes, "aws": _aws_bytes}
 
 
-async def _convert_once(adapter: Any, events: list[Any], raw: bytes | None) -> int:
+async def _convert_once(adapter: Any, events: list[Any], raw: bytes | None, face: str | None = None) -> int:
+    """One stream through an adapter; with `raw`, the whole path: bytes -> framing -> conversion -> the frames
+    sent to the client (OpenAI chat SSE, or with `face` that face's stream, e.g. Responses events)."""
     import adapters
 
-    if raw is not None:  # the whole path: bytes -> framing -> conversion -> outgoing SSE frame
+    if raw is not None:
         async def source():
             yield raw
         frames, upstream = 0, source()
         framed = adapter.iter_events(upstream)
-        async with contextlib.aclosing(adapter.parse_stream(framed, "bench-model")) as chunks:
+        render = adapters.FACES[face].stream(_FACE_BODIES[face], "bench-model") if face else None
+        async with contextlib.aclosing(adapter.parse_stream(framed, "bench-model", include_usage=True)) as chunks:
             async for chunk in chunks:
-                adapters.sse_frame(chunk)
+                if render is None:
+                    adapters.sse_frame(chunk)
+                else:
+                    render.on_chunk(chunk)
                 frames += 1
+        if render is not None:
+            render.end()
         for gen in (framed, upstream):  # parse_stream may stop at [DONE] before its source is exhausted
             await gen.aclose()
         return frames
@@ -477,12 +506,39 @@ async def _convert_once(adapter: Any, events: list[Any], raw: bytes | None) -> i
     return count
 
 
+# The client request each face's renderer is built for (Codex's shape: streamed, store off, reasoning summaries).
+_FACE_BODIES: dict[str, dict[str, Any]] = {
+    "responses": {"model": "bench-model", "input": "hi", "stream": True, "store": False,
+                  "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"]},
+}
+
+
+def _best_per_event(adapter: Any, events: list[Any], raw: bytes | None, budget: float,
+                    face: str | None = None) -> tuple[float, int]:
+    """(best seconds per upstream event over about `budget` seconds of repeats, chunks out)."""
+    loop = asyncio.new_event_loop()
+    try:
+        out = loop.run_until_complete(_convert_once(adapter, events, raw, face))
+        best, rounds, deadline = float("inf"), 0, time.perf_counter() + budget
+        while time.perf_counter() < deadline or rounds < 3:
+            t0 = time.perf_counter()
+            loop.run_until_complete(_convert_once(adapter, events, raw, face))
+            best = min(best, time.perf_counter() - t0)
+            rounds += 1
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return best / len(events), out
+
+
 def stream_microbench(budget: float) -> dict[str, Any]:
-    """Per upstream event: parse_stream alone, and framing + parse_stream + sse_frame, each timed for about
-    `budget` seconds (best run counts)."""
+    """Per upstream event: parse_stream alone; framing + parse_stream + the chat SSE frame; and, where the
+    Responses face exists, framing + parse_stream + its Responses events. Each timed for about `budget`
+    seconds (best run counts)."""
     import adapters
 
     n = 200
+    faces = getattr(adapters, "FACES", {})
     results: dict[str, Any] = {}
     for engine, adapter in adapters.ADAPTERS.items():
         maker = ENGINE_EVENTS.get(engine)
@@ -493,25 +549,14 @@ def stream_microbench(budget: float) -> dict[str, Any]:
         events = [adapters.SSEEvent(name, data) for name, data in pairs]
         encode = WIRE_ENCODERS.get(adapter.stream_format)
         raw = encode(pairs) if encode else None
-        entry: dict[str, Any] = {"events": len(events)}
+        entry: dict[str, Any] = {"events": len(events), "full_us": None, "responses_us": None}
         try:
-            for label, feed_raw in (("parse_us", None), ("full_us", raw)):
-                if label == "full_us" and raw is None:
-                    entry[label] = None
-                    continue
-                loop = asyncio.new_event_loop()
-                try:
-                    entry["chunks_out"] = loop.run_until_complete(_convert_once(adapter, events, feed_raw))
-                    best, rounds, deadline = float("inf"), 0, time.perf_counter() + budget
-                    while time.perf_counter() < deadline or rounds < 3:
-                        t0 = time.perf_counter()
-                        loop.run_until_complete(_convert_once(adapter, events, feed_raw))
-                        best = min(best, time.perf_counter() - t0)
-                        rounds += 1
-                finally:
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                    loop.close()
-                entry[label] = round(best / len(events) * 1e6, 2)
+            seconds, entry["chunks_out"] = _best_per_event(adapter, events, None, budget)
+            entry["parse_us"] = round(seconds * 1e6, 2)
+            if raw is not None:
+                entry["full_us"] = round(_best_per_event(adapter, events, raw, budget)[0] * 1e6, 2)
+            if raw is not None and "responses" in faces:
+                entry["responses_us"] = round(_best_per_event(adapter, events, raw, budget, "responses")[0] * 1e6, 2)
         except Exception as exc:  # a conversion bug is a note here, not a crash of the benchmark
             results[engine] = {"skipped": f"conversion raised {type(exc).__name__}: {exc}"[:200]}
             continue
@@ -636,12 +681,13 @@ def render(results: dict[str, Any]) -> str:
     lines += [f"  {'running (config, sessions, stats, event loop)':<44}{running:>+6.1f}  = {mem['idle_rss']:5.1f}",
               *stack_note, "",
               "stream conversion per upstream event (best of repeated runs, 200 events):",
-              f"  {'engine':<14}{'parse_stream µs':>16}{'framing+parse+frame µs':>24}"]
+              f"  {'engine':<14}{'parse_stream µs':>16}{'framing+parse+frame µs':>24}{'... as Responses µs':>21}"]
     for engine, entry in results["stream_conversion"].items():
         if "skipped" in entry:
             lines.append(f"  {engine:<14}skipped: {entry['skipped']}")
         else:
-            lines.append(f"  {engine:<14}{_fmt(entry['parse_us']):>16}{_fmt(entry['full_us']):>24}")
+            lines.append(f"  {engine:<14}{_fmt(entry['parse_us']):>16}{_fmt(entry['full_us']):>24}"
+                         f"{_fmt(entry.get('responses_us')):>21}")
     lines += ["", "targets:"]
     for name, (value, target, ok) in results["targets"].items():
         lines.append(f"  {verdict(ok)}  {name:<44} measured {_fmt(value, '.3f'):>9}   target {target}")
@@ -660,7 +706,7 @@ def judge(results: dict[str, Any]) -> dict[str, tuple[Any, Any, bool | None]]:
     cpu = cells.get(("nonstream", 16), {}).get("cpu_ms_per_request")
     added = cells.get(("nonstream", 1), {}).get("added_p50_ms")
     rps = cells.get(("nonstream", 16), {}).get("gateway", {}).get("rps")
-    conv = [e["full_us"] if e.get("full_us") is not None else e["parse_us"]
+    conv = [max(e["full_us"] if e.get("full_us") is not None else e["parse_us"], e.get("responses_us") or 0)
             for e in results["stream_conversion"].values() if "skipped" not in e]
     skipped = any("skipped" in e for e in results["stream_conversion"].values())
     worst = max(conv) if conv else None
