@@ -340,6 +340,8 @@ class Adapter:
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
         """Forward every field, unknown ones too, with the upstream model name; streams ask for usage."""
         payload = {**body, "model": target.upstream_model}
+        if "messages" in body:  # Gemini thought signatures ride in tool call ids; other engines get the plain id
+            payload["messages"] = plain_tool_ids(body["messages"])
         if payload.get("stream"):  # the gateway counts tokens; it drops the usage chunk if the client did not ask
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         if not target.provider.tools:
@@ -1111,9 +1113,60 @@ _GEMINI_FINISH_REASONS: Final[Mapping[str, str]] = MappingProxyType({
     "STOP": "stop", "MAX_TOKENS": "length", **dict.fromkeys(
         ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"), "content_filter")})
 # Gemini docs, "Thought signatures" (FAQ): Gemini 3 refuses a replayed function call without the signature its answer
-# carried; history rebuilt from OpenAI messages has none, and this documented value skips the check.
+# carried. The signature rides in the tool call id (encode_signature_id); for a client that dropped it, this
+# documented value skips the check.
 _GEMINI_SKIP_SIGNATURE: Final = "skip_thought_signature_validator"
+SIGNATURE_MARK: Final = "__ts_"
 _GEMINI_SERVED_METHODS: Final = frozenset({"generateContent", "embedContent", "batchEmbedContents", "predict"})
+
+
+def encode_signature_id(call_id: str, signature: str | None) -> str:
+    """A tool call id carrying a Gemini thoughtSignature: `<id>__ts_<signature as unpadded base64url>`.
+
+    Gemini docs, "Thought signatures": a Gemini 3 function call must come back with the signature its answer
+    carried. OpenAI clients send a tool call's id back unchanged (assistant `tool_calls[].id`, tool `tool_call_id`),
+    Anthropic clients likewise (`tool_use.id`, `tool_result.tool_use_id`), so the id is where the signature survives
+    a round trip through any client format. base64url keeps the id within `[A-Za-z0-9_-]` (Claude's id pattern).
+    """
+    if not signature:
+        return call_id
+    return call_id + SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode()).rstrip(b"=").decode()
+
+
+def decode_signature_id(call_id: str) -> tuple[str, str | None]:
+    """(the id without its signature, the thoughtSignature or None): encode_signature_id read backwards."""
+    base, mark, encoded = call_id.partition(SIGNATURE_MARK)
+    if not mark or not encoded:
+        return call_id, None
+    try:
+        signature = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True).decode()
+        return (base, signature) if signature else (call_id, None)
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError: not ours, leave the id alone
+        return call_id, None
+
+
+def plain_tool_ids(messages: Any) -> Any:
+    """OpenAI messages with signature-carrying tool call ids cut back to their plain ids, for engines other than
+    Gemini (ids there may be length-limited); both ends of each call are cut alike, so they still pair up."""
+    if not isinstance(messages, list):
+        return messages
+    return [_plain_ids(m) if isinstance(m, Mapping) and (m.get("tool_calls") or m.get("tool_call_id")) else m
+            for m in messages]
+
+
+def _plain_id(value: Any) -> Any:
+    return decode_signature_id(value)[0] if isinstance(value, str) and SIGNATURE_MARK in value else value
+
+
+def _plain_ids(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    calls = message.get("tool_calls")
+    if SIGNATURE_MARK not in str(message.get("tool_call_id")) and not (isinstance(calls, list) and any(
+            SIGNATURE_MARK in str(_gemini_map(c).get("id")) for c in calls)):
+        return message
+    plain = {**message, **({"tool_call_id": _plain_id(message["tool_call_id"])} if "tool_call_id" in message else {})}
+    if isinstance(calls, list):
+        plain["tool_calls"] = [{**c, "id": _plain_id(c.get("id"))} if isinstance(c, Mapping) else c for c in calls]
+    return plain
 
 
 def _gemini_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -1214,11 +1267,18 @@ def _gemini_model_turn(message: Mapping[str, Any], names: dict[str, str]) -> tup
     calls = [*(message.get("tool_calls") or ()), *([{"function": message["function_call"]}]
                                                    if isinstance(message.get("function_call"), Mapping) else [])]
     parts = to_gemini_parts(message.get("content"))
-    for i, call in enumerate(_gemini_map(c) for c in calls):
+    signed = []
+    for call in map(_gemini_map, calls):
         function = _gemini_map(call.get("function"))
         names[call.get("id") or ""] = function.get("name") or ""
+        # Google's OpenAI compatibility layer puts the signature in extra_content.google.thought_signature.
+        signature = decode_signature_id(str(call.get("id") or ""))[1] or _gemini_map(
+            _gemini_map(call.get("extra_content")).get("google")).get("thought_signature")
         part = {"functionCall": {"name": function.get("name") or "", "args": _gemini_object(function.get("arguments"))}}
-        parts.append({**part, "thoughtSignature": _GEMINI_SKIP_SIGNATURE} if i == 0 else part)
+        signed.append(bool(signature))
+        parts.append({**part, "thoughtSignature": signature} if signature else part)
+    if calls and not any(signed):  # "Thought signatures": the first call of a step is the one that carries it
+        next(p for p in parts if "functionCall" in p)["thoughtSignature"] = _GEMINI_SKIP_SIGNATURE
     return "model", parts
 
 
@@ -1304,7 +1364,8 @@ def _from_gemini_candidate(candidate: Mapping[str, Any]) -> tuple[str, str, list
         call = part.get("functionCall")
         if isinstance(call, Mapping):
             function = {"name": call.get("name", ""), "arguments": dumps(call.get("args") or {}).decode()}
-            calls.append({"id": new_id("call_"), "type": "function", "function": function})
+            call_id = encode_signature_id(new_id("call_"), part.get("thoughtSignature"))
+            calls.append({"id": call_id, "type": "function", "function": function})
         elif isinstance(part.get("text"), str):
             (thoughts if part.get("thought") else text).append(part["text"])
     return "".join(text), "".join(thoughts), calls
