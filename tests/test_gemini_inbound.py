@@ -1,0 +1,315 @@
+"""Gemini generateContent inbound: GeminiFace's conversions (pure), then the google-genai SDK and Gemini CLI against
+the real gateway and fake upstreams of each engine family.
+
+References (Gemini API reference, ai.google.dev/api): "models.generateContent" (GenerateContentRequest, Content,
+Part, Tool, FunctionDeclaration, ToolConfig / FunctionCallingConfig, GenerationConfig, ThinkingConfig,
+GenerateContentResponse, Candidate.FinishReason, UsageMetadata), "models.streamGenerateContent" (alt=sse events;
+without alt one JSON array), "models.countTokens", "models.list" / "models.get" (Model), "Schema" (Type enum in
+capitals), Google API design guide "Errors" (google.rpc.Status code / message / status names).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import adapters
+
+FACE = adapters.GeminiFace()
+WEATHER = {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "OBJECT", "properties": {"city": {"type": "STRING", "description": "City"},
+                                     "days": {"type": "INTEGER", "nullable": True, "minimum": 1, "maxItems": "3"},
+                                     "tags": {"type": "ARRAY", "items": {"type": "STRING"}}},
+    "required": ["city"], "propertyOrdering": ["city", "days"]}}
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "contents": [{"role": "user", "parts": [{"text": "hi"}]}], **fields}
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def sse_frames(frames: list[bytes]) -> list[Any]:
+    text = b"".join(frames).decode()
+    assert text.endswith("\r\n\r\n")
+    events = text.split("\r\n\r\n")[:-1]
+    assert all(e.startswith("data: ") for e in events)
+    return [json.loads(e[6:]) for e in events]
+
+
+# --- validate ---
+
+
+@pytest.mark.parametrize(("request_body", "param"), [
+    ({"model": "m"}, "contents"),
+    ({"model": "m", "contents": []}, "contents"),
+    (body(contents=[{"role": "system", "parts": [{"text": "x"}]}]), "contents[0].role"),
+    (body(contents=[{"role": "user", "parts": "hi"}]), "contents[0].parts"),
+    (body(contents=[{"role": "user", "parts": [{"text": 3}]}]), "contents[0].parts[0]"),
+    (body(contents=[{"role": "model", "parts": [{"functionCall": {"args": {}}}]}]), "contents[0].parts[0]"),
+    (body(tools={"functionDeclarations": []}), "tools"),
+    (body(tools=[{"functionDeclarations": [{"description": "no name"}]}]), "tools[0]"),
+    (body(generationConfig={"temperature": "hot"}), "generationConfig.temperature"),
+    (body(generationConfig={"maxOutputTokens": 1.5}), "generationConfig.maxOutputTokens"),
+    (body(generationConfig={"stopSequences": [1]}), "generationConfig.stopSequences"),
+    (body(toolConfig=[]), "toolConfig"),
+    (body(cachedContent=5), "cachedContent"),
+    ({"contents": [{"parts": [{"text": "hi"}]}]}, "model"),
+])
+def test_malformed_requests_are_refused_naming_the_field(request_body: dict[str, Any], param: str) -> None:
+    with pytest.raises(adapters.RequestError) as caught:
+        FACE.validate(request_body)
+    assert caught.value.param == param
+
+
+def test_snake_case_requests_validate_and_convert_like_camel_case() -> None:
+    snake = {"model": "m", "system_instruction": {"parts": [{"text": "Be brief."}]},
+             "contents": [{"role": "user", "parts": [{"inline_data": {"mime_type": "image/png", "data": "iVBO"}}]}],
+             "generation_config": {"max_output_tokens": 10, "stop_sequences": ["END"]},
+             "tools": [{"function_declarations": [{"name": "f", "parameters_json_schema": {
+                 "type": "object", "properties": {"snake_name": {"type": "string"}}}}]}]}
+    assert FACE.validate(snake) == "m"
+    chat = FACE.to_chat(snake)
+    assert chat["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]
+    assert (chat["max_tokens"], chat["stop"]) == (10, ["END"])
+    assert chat["tools"][0]["function"]["parameters"]["properties"] == {"snake_name": {"type": "string"}}
+
+
+# --- to_chat ---
+
+
+def test_a_whole_tool_loop_converts_to_openai_messages_in_order() -> None:
+    request = body(systemInstruction={"parts": [{"text": "Be brief."}, {"text": "Use tools."}]}, contents=[
+        {"role": "user", "parts": [{"text": "Weather in Paris and Oslo?"}]},
+        {"role": "model", "parts": [
+            {"text": "thinking...", "thought": True},
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"},
+            {"functionCall": {"id": "fc-2", "name": "get_weather", "args": {"city": "Oslo"}}}]},
+        {"role": "user", "parts": [
+            {"functionResponse": {"id": "fc-2", "name": "get_weather", "response": {"output": "snow"}}},
+            {"functionResponse": {"name": "get_weather", "response": {"temp": 21}}}]},
+        {"role": "model", "parts": [{"text": "Paris 21, Oslo snow."}]},
+        {"role": "user", "parts": [{"text": "Thanks"}, {"inlineData": {"mimeType": "audio/mpeg", "data": "AAA"}},
+                                   {"inlineData": {"mimeType": "application/pdf", "data": "JVBE"}}]}],
+        tools=[{"functionDeclarations": [WEATHER]}],
+        toolConfig={"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}})
+    chat = FACE.to_chat(request)
+    first_id = adapters.encode_signature_id("call_1_1", "c2ln")
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be brief.\nUse tools."},
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": first_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "fc-2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "fc-2", "content": "snow"},
+        {"role": "tool", "tool_call_id": first_id, "content": '{"temp":21}'},
+        {"role": "assistant", "content": "Paris 21, Oslo snow."},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks"},
+                                     {"type": "input_audio", "input_audio": {"data": "AAA", "format": "mp3"}},
+                                     {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBE"}}]}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert chat["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city", "parameters": {
+            "type": "object", "required": ["city"], "properties": {
+                "city": {"type": "string", "description": "City"},
+                "days": {"type": ["integer", "null"], "minimum": 1, "maxItems": 3},
+                "tags": {"type": "array", "items": {"type": "string"}}}}}}]
+    assert "stream" not in chat
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"temperature": 0.2, "topP": 0.9, "topK": 40, "maxOutputTokens": 64, "candidateCount": 2, "seed": 7,
+      "presencePenalty": 0.1, "frequencyPenalty": 0.3, "stopSequences": ["x"]},
+     {"temperature": 0.2, "top_p": 0.9, "max_tokens": 64, "n": 2, "seed": 7, "presence_penalty": 0.1,
+      "frequency_penalty": 0.3, "stop": ["x"]}),
+    ({"responseMimeType": "application/json"}, {"response_format": {"type": "json_object"}}),
+    ({"responseMimeType": "application/json", "responseSchema": {"type": "OBJECT", "properties": {
+        "a": {"type": "NUMBER"}}}}, {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "response", "schema": {"type": "object", "properties": {"a": {"type": "number"}}}}}}),
+    ({"responseMimeType": "application/json", "responseJsonSchema": {"type": "object", "additionalProperties": False}},
+     {"response_format": {"type": "json_schema", "json_schema": {
+         "name": "response", "schema": {"type": "object", "additionalProperties": False}}}}),
+    ({"thinkingConfig": {"thinkingLevel": "HIGH", "includeThoughts": True}}, {"reasoning_effort": "high"}),
+    ({"thinkingConfig": {"thinkingBudget": 2000}}, {"reasoning_effort": "medium"}),
+    ({"thinkingConfig": {"thinkingBudget": -1}}, {}),
+    ({"thinkingConfig": {"thinkingBudget": 0}}, {}),
+])
+def test_generation_config_maps_to_openai_fields(config: dict[str, Any], expected: dict[str, Any]) -> None:
+    chat = FACE.to_chat(body(generationConfig=config, safetySettings=[
+        {"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]))
+    assert {k: v for k, v in chat.items() if k not in ("model", "messages")} == expected
+
+
+@pytest.mark.parametrize(("mode", "choice"), [("AUTO", "auto"), ("ANY", "required"), ("NONE", "none"),
+                                              ("VALIDATED", "auto"), (None, "auto")])
+def test_function_calling_modes_map_to_tool_choice(mode: str | None, choice: str) -> None:
+    config = {"functionCallingConfig": {"mode": mode}} if mode else {}
+    chat = FACE.to_chat(body(tools=[{"functionDeclarations": [{"name": "f"}]}], toolConfig=config))
+    assert chat["tool_choice"] == choice
+    assert chat["tools"][0]["function"]["parameters"] == {"type": "object", "properties": {}}
+
+
+@pytest.mark.parametrize("tool", ["googleSearch", "codeExecution", "urlContext", "googleSearchRetrieval"])
+def test_google_side_tools_are_refused_elsewhere_naming_the_tool(tool: str) -> None:
+    with pytest.raises(adapters.RequestError, match=f"'{tool}'"):
+        FACE.to_chat(body(tools=[{tool: {}}]))
+
+
+@pytest.mark.parametrize("request_body", [
+    body(cachedContent="cachedContents/abc"),
+    body(contents=[{"role": "user", "parts": [{"fileData": {"mimeType": "video/mp4", "fileUri": "gs://b/v.mp4"}}]}]),
+    body(contents=[{"role": "model", "parts": [{"executableCode": {"language": "PYTHON", "code": "1"}}]}]),
+])
+def test_gemini_only_content_is_refused_elsewhere(request_body: dict[str, Any]) -> None:
+    FACE.validate(request_body)
+    with pytest.raises(adapters.RequestError):
+        FACE.to_chat(request_body)
+
+
+def test_stream_requests_ask_for_usage() -> None:
+    chat = FACE.to_chat(body(stream=True, alt="sse"))
+    assert (chat["stream"], chat["stream_options"]) == (True, {"include_usage": True})
+    assert "alt" not in chat
+
+
+# --- from_chat ---
+
+
+def test_completion_becomes_a_generate_content_response() -> None:
+    signed = adapters.encode_signature_id("call_9", "c2lnbmF0dXJl")
+    completion = {"id": "chatcmpl-7", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+            "role": "assistant", "content": "Checking.", "reasoning_content": "Need weather.", "tool_calls": [
+                {"id": signed, "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"P"}'}},
+                {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "not json"}}]}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40,
+                  "completion_tokens_details": {"reasoning_tokens": 12},
+                  "prompt_tokens_details": {"cached_tokens": 4}}}
+    answer = FACE.from_chat(completion, body(), "gem-alias")
+    assert answer == {"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "Need weather.", "thought": True}, {"text": "Checking."},
+        {"functionCall": {"id": "call_9", "name": "get_weather", "args": {"city": "P"}},
+         "thoughtSignature": "c2lnbmF0dXJl"},
+        {"functionCall": {"id": "call_b", "name": "get_time", "args": {}}}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 18, "totalTokenCount": 40,
+                          "thoughtsTokenCount": 12, "cachedContentTokenCount": 4},
+        "modelVersion": "gem-alias", "responseId": "chatcmpl-7"}
+
+
+@pytest.mark.parametrize(("finish", "reason"), [("stop", "STOP"), ("length", "MAX_TOKENS"),
+                                                ("content_filter", "SAFETY"), ("tool_calls", "STOP")])
+def test_finish_reasons_map_to_gemini(finish: str, reason: str) -> None:
+    completion = {"id": "c", "choices": [{"index": 0, "finish_reason": finish, "message": {"content": ""}}]}
+    candidate = FACE.from_chat(completion, body(), "m")["candidates"][0]
+    assert candidate == {"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": reason, "index": 0}
+
+
+# --- stream ---
+
+
+def test_sse_stream_sends_text_as_it_comes_and_calls_whole_at_the_end() -> None:
+    stream = FACE.stream(body(stream=True, alt="sse"), "gem")
+    assert stream.media_type == "text/event-stream"
+    frames = [*stream.on_chunk(chunk({"role": "assistant", "content": ""})),
+              *stream.on_chunk(chunk({"reasoning_content": "hmm"})),
+              *stream.on_chunk(chunk({"content": "Hel"})),
+              *stream.on_chunk(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                      "function": {"name": "f", "arguments": '{"a":'}}]})),
+              *stream.on_chunk(chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]})),
+              *stream.on_chunk(chunk({}, "tool_calls")),
+              *stream.on_chunk({"id": "chatcmpl-1", "choices": [], "usage": {
+                  "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}),
+              *stream.end()]
+    events = sse_frames(frames)
+    assert [e["candidates"][0]["content"]["parts"] for e in events] == [
+        [{"text": "hmm", "thought": True}], [{"text": "Hel"}],
+        [{"functionCall": {"id": "call_1", "name": "f", "args": {"a": 1}}}]]
+    assert events[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert events[-1]["usageMetadata"] == {"promptTokenCount": 3, "candidatesTokenCount": 4, "totalTokenCount": 7}
+    assert {(e["modelVersion"], e["responseId"]) for e in events} == {("gem", "chatcmpl-1")}
+    assert all("finishReason" not in e["candidates"][0] for e in events[:-1])
+
+
+def test_json_array_stream_is_one_json_array_of_responses() -> None:
+    stream = FACE.stream(body(stream=True), "gem")
+    assert stream.media_type == "application/json"
+    frames = [*stream.on_chunk(chunk({"content": "a"})), *stream.on_chunk(chunk({"content": "b"}, "length")),
+              *stream.end()]
+    array = json.loads(b"".join(frames))
+    assert [r["candidates"][0]["content"]["parts"][0]["text"] for r in array] == ["a", "b", ""]
+    assert array[-1]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+
+
+def test_failure_after_commit_ends_with_googles_error_object() -> None:
+    stream = FACE.stream(body(stream=True), "gem")
+    frames = [*stream.on_chunk(chunk({"content": "a"})), *stream.fail("upstream failed mid-stream", 502)]
+    assert json.loads(b"".join(frames))[-1] == {"error": {"code": 502, "message": "upstream failed mid-stream",
+                                                          "status": "UNAVAILABLE"}}
+    sse = FACE.stream(body(stream=True, alt="sse"), "gem")
+    assert sse_frames(sse.fail("cut", 504)) == [{"error": {"code": 504, "message": "cut",
+                                                           "status": "DEADLINE_EXCEEDED"}}]
+
+
+@pytest.mark.parametrize(("status", "name"), [(400, "INVALID_ARGUMENT"), (401, "UNAUTHENTICATED"),
+                                              (403, "PERMISSION_DENIED"), (404, "NOT_FOUND"),
+                                              (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (503, "UNAVAILABLE")])
+def test_errors_take_googles_shape_and_status_names(status: int, name: str) -> None:
+    assert FACE.error_body("nope", status, "invalid_request_error", None) == {
+        "error": {"code": status, "message": "nope", "status": name}}
+
+
+# --- native passthrough ---
+
+
+def test_gemini_channels_get_the_body_as_sent_without_the_route_keys() -> None:
+    provider = adapters.Provider("g", "gemini", "https://generativelanguage.googleapis.com/v1beta", api_keys=("k",))
+    sent = body(stream=True, alt="sse", cachedContent="cachedContents/1", tools=[{"googleSearch": {}}],
+                safetySettings=[{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}])
+    request = FACE.native["gemini"].build_request(sent, adapters.Target(provider, "gemini-2.5-pro", "k"))
+    assert request.url.endswith("/models/gemini-2.5-pro:streamGenerateContent?alt=sse")
+    assert request.json == {k: v for k, v in sent.items() if k not in ("model", "stream", "alt")}
+    count = FACE.native["gemini"].build_count_tokens_request(body(), adapters.Target(provider, "gemini-2.5-pro", "k"))
+    assert count.url.endswith("/models/gemini-2.5-pro:countTokens") and count.json == {"contents": body()["contents"]}
+    assert set(FACE.native) == {"gemini", "vertex-gemini"}
+
+
+def test_native_stream_relays_events_renaming_the_model_version() -> None:
+    stream = FACE.native_stream(body(stream=True), "alias")
+    first = adapters.SSEEvent("message", '{"candidates":[{"content":{"parts":[{"text":"a"}]}}],'
+                                         '"modelVersion":"gemini-2.5-pro-001"}')
+    last = adapters.SSEEvent("message", '{"candidates":[{"content":{"parts":[{"text":"b"}]},"finishReason":"STOP"}],'
+                                        '"usageMetadata":{"promptTokenCount":2,"candidatesTokenCount":3,'
+                                        '"totalTokenCount":5},"modelVersion":"gemini-2.5-pro-001"}')
+    frames = [stream.on_event(first), stream.on_event(last), *stream.end()]
+    array = json.loads(b"".join(frames))
+    assert [r["modelVersion"] for r in array] == ["alias", "alias"]
+    assert stream.done and stream.usage == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    failing = FACE.native_stream(body(stream=True, alt="sse"), "alias")
+    with pytest.raises(adapters.UpstreamError) as caught:
+        failing.on_event(adapters.SSEEvent("message", '{"error":{"code":429,"message":"busy"}}'))
+    assert caught.value.status == 429
+
+
+def test_native_answer_renames_the_model_version_and_reads_usage() -> None:
+    raw = b'{"candidates":[],"usageMetadata":{"promptTokenCount":4,"totalTokenCount":4},"modelVersion":"x-001"}'
+    sent, usage = FACE.native_answer(raw, "alias")
+    assert json.loads(sent)["modelVersion"] == "alias"
+    assert usage is not None and usage["prompt_tokens"] == 4
+
+
+def test_token_estimate_counts_text_and_media() -> None:
+    text_only = adapters.estimate_gemini_tokens(body(contents=[{"role": "user", "parts": [{"text": "x" * 400}]}]))
+    assert text_only == 101  # 404 characters: the text and its field name
+    with_image = adapters.estimate_gemini_tokens(body(contents=[{"role": "user", "parts": [
+        {"text": "x" * 400}, {"inlineData": {"mimeType": "image/png", "data": "A" * 100_000}}]}]))
+    assert with_image == 101 + 1600
+    wrapped = adapters.estimate_gemini_tokens({"generateContentRequest": {"model": "models/m", "contents": [
+        {"role": "user", "parts": [{"text": "x" * 40}]}]}})
+    assert wrapped == 11
