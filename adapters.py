@@ -2834,15 +2834,10 @@ def _add_gemini_tools(request: dict[str, Any], body: Mapping[str, Any]) -> None:
 
 
 def _from_gemini_thinking(thinking: Mapping[str, Any]) -> str | None:
-    """"ThinkingConfig": thinkingLevel by name; a thinkingBudget as the least effort whose Gemini budget covers it
-    (0, off, and -1, dynamic, leave the target's default)."""
+    """"ThinkingConfig": a thinkingLevel (Gemini 3) by name. A thinkingBudget leaves the target's default: Gemini CLI
+    sends one with every request, and OpenAI models without reasoning refuse any reasoning_effort."""
     level = thinking.get("thinkingLevel")
-    if isinstance(level, str) and level.lower() in _GEMINI_THINKING_BUDGETS:
-        return level.lower()
-    budget = thinking.get("thinkingBudget")
-    if not isinstance(budget, int) or budget <= 0:
-        return None
-    return next((e for e in ("low", "medium", "high") if _GEMINI_THINKING_BUDGETS[e] >= budget), "high")
+    return level.lower() if isinstance(level, str) and level.lower() in _GEMINI_THINKING_BUDGETS else None
 
 
 def _response_format_of(config: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -137,7 +137,8 @@ def test_a_whole_tool_loop_converts_to_openai_messages_in_order() -> None:
      {"response_format": {"type": "json_schema", "json_schema": {
          "name": "response", "schema": {"type": "object", "additionalProperties": False}}}}),
     ({"thinkingConfig": {"thinkingLevel": "HIGH", "includeThoughts": True}}, {"reasoning_effort": "high"}),
-    ({"thinkingConfig": {"thinkingBudget": 2000}}, {"reasoning_effort": "medium"}),
+    ({"thinkingConfig": {"thinkingLevel": "low"}}, {"reasoning_effort": "low"}),
+    ({"thinkingConfig": {"thinkingBudget": 8192, "includeThoughts": True}}, {}),  # what Gemini CLI always sends
     ({"thinkingConfig": {"thinkingBudget": -1}}, {}),
     ({"thinkingConfig": {"thinkingBudget": 0}}, {}),
 ])
