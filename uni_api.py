@@ -777,9 +777,11 @@ def _dedupe(channels: Iterator[Channel]) -> list[Channel]:
 
 
 def authenticate(request: Request, config: Config) -> ApiKey:
-    """`Authorization: Bearer <key>` or `x-api-key`, looked up by digest and compared in constant time."""
+    """`Authorization: Bearer <key>`, `x-api-key`, or as Gemini clients send it `x-goog-api-key` or `?key=`; looked
+    up by digest and compared in constant time."""
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else (
+        request.headers.get("x-api-key") or google_key(request))
     if not token:
         raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
     key = find_key(config, token)
@@ -787,6 +789,11 @@ def authenticate(request: Request, config: Config) -> ApiKey:
     if record is not None:  # the request log names the key (by its prefix) on every route
         record.key = key
     return key
+
+
+def google_key(request: Request) -> str:
+    """The key as Google's APIs take it ("API keys": the x-goog-api-key header or the `key` query parameter)."""
+    return request.headers.get("x-goog-api-key") or request.query_params.get("key") or ""
 
 
 def find_key(config: Config, token: str) -> ApiKey:
@@ -2295,6 +2302,47 @@ async def count_tokens(request: Request) -> Response:
     return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
 
 
+# --- Gemini inbound ---
+# Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta
+# and /v1: models.generateContent, models.streamGenerateContent, models.countTokens, models.list and models.get.
+# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_error_shape). /v1/models
+# and /v1/models/{model} answer in Gemini's shape to a Gemini client (its key in x-goog-api-key or ?key=), else
+# in OpenAI's.
+
+
+async def gemini_models(request: Request) -> Response:
+    """"models.list": the models the key may use, one page (no nextPageToken)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    models = [adapters.gemini_model(alias) for alias in gw.routes[key.token].channels]
+    return _json_response(adapters.dumps({"models": models}))
+
+
+async def gemini_model(request: Request) -> Response:
+    """"models.get": a model the key may use (404 or 403 as a generation request would get)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"].removeprefix("models/")
+    channels_for(gw, key, alias)
+    return _json_response(adapters.dumps(adapters.gemini_model(alias)))
+
+
+async def v1_models(request: Request) -> Response:
+    return await (gemini_models if google_key(request) else list_models)(request)
+
+
+async def v1_model(request: Request) -> Response:
+    """GET /v1/models/{model}: Gemini's models.get for a Gemini client, else OpenAI's "Retrieve model"."""
+    if google_key(request):
+        return await gemini_model(request)
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"]
+    channels_for(gw, key, alias)
+    listing = adapters.loads(gw.routes[key.token].models_body)["data"]
+    return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
+
+
 # --- Stats routes and the request log ---
 
 
@@ -2500,26 +2548,34 @@ _ERROR_SHAPES: Final[Mapping[str, Callable[[str, int], dict[str, Any]]]] = Mappi
 })
 
 
-def _envelope(message: str, type_: str, code: str | None, status: int,
-              headers: Mapping[str, str] | None = None, *, path: str = "") -> JSONResponse:
-    shape = _ERROR_SHAPES.get(path)
+def _error_shape(request: Request) -> Callable[[str, int], dict[str, Any]] | None:
+    """The error shape the route's clients expect: by exact path, else Gemini's on Gemini's routes (anything under
+    /v1beta, a colon verb after the model under /v1, and /v1/models for a Gemini client)."""
+    path = request.url.path
+    if path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or google_key(request))):
+        return adapters.gemini_error_body
+    return _ERROR_SHAPES.get(path)
+
+
+def _envelope(message: str, type_: str, code: str | None, status: int, headers: Mapping[str, str] | None = None,
+              *, shape: Callable[[str, int], dict[str, Any]] | None = None) -> JSONResponse:
     body = shape(message, status) if shape else adapters.error_body(message, type_, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
-    path = request.url.path
+    path, shape = request.url.path, _error_shape(request)
     if isinstance(exc, GatewayError):
-        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers, path=path)
+        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers, shape=shape)
     if isinstance(exc, HTTPException):
         type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
-        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers, path=path)
+        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers, shape=shape)
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)
     logger.exception("unexpected error on %s", path)
     record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
     headers = {"x-request-id": record.request_id} if record is not None else None
-    return _envelope("Internal error in the gateway.", "server_error", None, 500, headers, path=path)
+    return _envelope("Internal error in the gateway.", "server_error", None, 500, headers, shape=shape)
 
 
 # --- App ---
@@ -2702,7 +2758,10 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
+        Route("/v1beta/models", gemini_models, methods=["GET"]),
+        Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),

@@ -11,13 +11,20 @@ capitals), Google API design guide "Errors" (google.rpc.Status code / message / 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
+from conftest import FakeUpstream, GatewayServer
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
 
 import adapters
 
 FACE = adapters.GeminiFace()
+MakeGateway = Callable[..., GatewayServer]
 WEATHER = {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "OBJECT", "properties": {"city": {"type": "STRING", "description": "City"},
                                      "days": {"type": "INTEGER", "nullable": True, "minimum": 1, "maxItems": "3"},
@@ -314,3 +321,74 @@ def test_token_estimate_counts_text_and_media() -> None:
     wrapped = adapters.estimate_gemini_tokens({"generateContentRequest": {"model": "models/m", "contents": [
         {"role": "user", "parts": [{"text": "x" * 40}]}]}})
     assert wrapped == 11
+
+
+# --- Through the gateway: the google-genai SDK against each engine family ---
+
+
+def genai_client(gateway: GatewayServer, key: str = "sk-client") -> genai.Client:
+    options = types.HttpOptions(base_url=gateway.url, retry_options=types.HttpRetryOptions(attempts=1))
+    return genai.Client(api_key=key, http_options=options)
+
+
+def family_config(gpt: FakeUpstream, claude: FakeUpstream, gemini: FakeUpstream) -> dict[str, Any]:
+    """One provider per engine family, each serving one alias; the client key may use all but `hidden`."""
+    return {"providers": [
+        {"provider": "oa", "base_url": f"{gpt.url}/v1/chat/completions", "api": "sk-up-secret",
+         "model": [{"gpt-4o-2024-08-06": "gpt-4o"}, "hidden"], "preferences": {"cooldown_period": 0}},
+        {"provider": "ant", "base_url": f"{claude.url}/v1/messages", "api": "sk-ant-secret",
+         "model": [{"claude-sonnet-4-5": "sonnet"}], "preferences": {"cooldown_period": 0}},
+        {"provider": "gem", "base_url": f"{gemini.url}/v1beta", "api": "AIza-gemini-secret",
+         "model": [{"gemini-2.5-flash": "flash"}], "preferences": {"cooldown_period": 0}}],
+        "api_keys": [{"api": "sk-client", "model": ["oa/gpt-4o", "ant/sonnet", "gem/flash"]}]}
+
+
+@pytest.fixture
+def families(make_upstream: Callable[[], FakeUpstream], make_gateway: MakeGateway
+             ) -> tuple[GatewayServer, FakeUpstream, FakeUpstream, FakeUpstream]:
+    gpt, claude, gemini = make_upstream(), make_upstream(), make_upstream()
+    return make_gateway(family_config(gpt, claude, gemini)), gpt, claude, gemini
+
+
+Families = tuple[GatewayServer, FakeUpstream, FakeUpstream, FakeUpstream]
+
+
+def test_sdk_lists_and_gets_only_the_models_the_key_may_use(families: Families) -> None:
+    gateway = families[0]
+    client = genai_client(gateway)
+    models = list(client.models.list())
+    assert [m.name for m in models] == ["models/gpt-4o", "models/sonnet", "models/flash"]
+    assert all(m.supported_actions == ["generateContent", "streamGenerateContent", "countTokens"] for m in models)
+    assert client.models.get(model="sonnet").display_name == "sonnet"
+    with pytest.raises(genai_errors.ClientError) as missing:
+        client.models.get(model="nope")
+    assert (missing.value.code, missing.value.status) == (404, "NOT_FOUND")
+    with pytest.raises(genai_errors.ClientError) as hidden:
+        client.models.get(model="hidden")
+    assert (hidden.value.code, hidden.value.status) == (403, "PERMISSION_DENIED")
+
+
+def test_v1_models_answers_each_client_in_its_own_shape(families: Families) -> None:
+    gateway = families[0]
+    openai_listing = gateway.http("sk-client").get("/v1/models").json()
+    assert [m["id"] for m in openai_listing["data"]] == ["gpt-4o", "sonnet", "flash"]
+    gemini_listing = httpx.get(gateway.url + "/v1/models", headers={"x-goog-api-key": "sk-client"}).json()
+    assert [m["name"] for m in gemini_listing["models"]] == ["models/gpt-4o", "models/sonnet", "models/flash"]
+    assert httpx.get(gateway.url + "/v1/models/flash?key=sk-client").json()["name"] == "models/flash"
+    retrieved = gateway.http("sk-client").get("/v1/models/flash").json()
+    assert (retrieved["id"], retrieved["object"], retrieved["owned_by"]) == ("flash", "model", "gem")
+    for version in ("v1", "v1beta"):
+        client = genai.Client(api_key="sk-client", http_options=types.HttpOptions(base_url=gateway.url,
+                                                                                  api_version=version))
+        assert [m.name for m in client.models.list()][0] == "models/gpt-4o"
+
+
+def test_missing_or_unknown_keys_get_googles_error_shape(families: Families) -> None:
+    gateway = families[0]
+    answer = httpx.post(gateway.url + "/v1beta/models/gpt-4o:generateContent", json=body())
+    assert answer.status_code == 401
+    assert answer.json()["error"]["status"] == "UNAUTHENTICATED" and answer.json()["error"]["code"] == 401
+    client = genai_client(gateway, "sk-wrong")
+    with pytest.raises(genai_errors.ClientError) as caught:
+        client.models.generate_content(model="gpt-4o", contents="hi")
+    assert (caught.value.code, caught.value.status) == (401, "UNAUTHENTICATED")
