@@ -2343,6 +2343,179 @@ async def v1_model(request: Request) -> Response:
     return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
 
 
+_GEMINI_FACE: Final = adapters.GeminiFace()
+# The colon verbs of models.* that take a body ("models.generateContent", "models.streamGenerateContent",
+# "models.countTokens").
+_GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
+
+
+def gemini_native_sender(gw: Gateway, body: Mapping[str, Any], model: str,
+                         record: RequestRecord | None = None) -> Send:
+    """One attempt on a Gemini-speaking channel: the body as sent and the answer as it came, but for modelVersion;
+    a stream commits after the first upstream event (an error event there fails the attempt)."""
+    triggers = gw.config.error_triggers
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = _GEMINI_FACE.native[channel.engine]
+        response = await _open(gw, gw.config.policies[channel.provider], native.build_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            if not body.get("stream"):
+                raw = await _read(response, timeout)
+                _check_triggers(raw.decode("utf-8", "replace"), triggers)
+                answer, usage = _GEMINI_FACE.native_answer(raw, model)
+                if record is not None:
+                    record.add_usage(usage)
+                return _json_response(answer)
+            stream = _GEMINI_FACE.native_stream(body, model)
+            events = native.iter_events(response.content.iter_any())
+            with _transport_errors(timeout):
+                first = stream.on_event(await events.__anext__())
+            _check_triggers(first.decode("utf-8", "replace"), triggers)
+        except StopAsyncIteration:
+            response.close()
+            raise UpstreamError(502, "upstream stream ended before its first event") from None
+        except BaseException:
+            response.close()
+            raise
+        relay = _relay_gemini_native(first, events, stream, response, timeout, record)
+        return StreamingResponse(relay, media_type=stream.media_type, headers=_STREAM_HEADERS)
+
+    return send
+
+
+async def _relay_gemini_native(first: bytes, events: AsyncIterator[adapters.SSEEvent],
+                               stream: adapters.GeminiNativeStream, response: aiohttp.ClientResponse, timeout: float,
+                               record: RequestRecord | None) -> AsyncIterator[bytes]:
+    """The committed passthrough stream; a cut before a finishReason ends it with Google's error object."""
+    try:
+        yield first
+        with _transport_errors(timeout):
+            async for event in events:
+                yield stream.on_event(event)
+        if not stream.done:
+            raise UpstreamError(502, "upstream stream ended before its finishReason")
+        for frame in stream.end():
+            yield frame
+    except UpstreamError as exc:
+        logger.warning("stream failed after its first event: %s", exc)
+        for frame in stream.fail(f"upstream failed mid-stream: {exc}", 502):
+            yield frame
+    finally:
+        if record is not None:
+            record.add_usage(stream.usage)
+        response.close()
+
+
+def gemini_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None) -> Send:
+    """One attempt: passthrough on a Gemini-speaking channel, else the OpenAI conversion through chat_sender."""
+    passthrough = gemini_native_sender(gw, body, model, record)
+    converted: list[Send] = []
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        if channel.engine in _GEMINI_FACE.native:
+            return await passthrough(channel, adapter, target, timeout)
+        if not converted:
+            try:
+                chat = _GEMINI_FACE.to_chat(body)
+            except adapters.RequestError as exc:  # a Gemini channel later in the plan may take it
+                raise UpstreamError(400, exc.message, retryable=True) from None
+            relay = functools.partial(_relay_gemini, _GEMINI_FACE.stream(body, model))
+            converted.append(chat_sender(gw, chat, model, record, relay))
+        response = await converted[0](channel, adapter, target, timeout)
+        if isinstance(response, StreamingResponse):
+            media_type = _GEMINI_FACE.stream(body, model).media_type
+            return StreamingResponse(response.body_iterator, media_type=media_type, headers=_STREAM_HEADERS)
+        answer = _GEMINI_FACE.from_chat(adapters.loads(response.body), body, model)
+        return _json_response(adapters.dumps(answer))
+
+    return send
+
+
+async def _relay_gemini(stream: adapters.GeminiStream, first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]],
+                        response: aiohttp.ClientResponse, timeout: float, created: int,
+                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
+    """chat_sender's committed stream as streamGenerateContent frames (a Relay); a failure ends it with Google's
+    error object."""
+    try:
+        for frame in stream.on_chunk(first):
+            yield frame
+        with _transport_errors(timeout):
+            async for chunk in chunks:
+                for frame in stream.on_chunk(chunk):
+                    yield frame
+        frames = stream.end()
+    except UpstreamError as exc:
+        frames = stream.fail(_stream_failure(exc, secrets), 502)
+    finally:
+        response.close()
+    for frame in frames:
+        yield frame
+
+
+def _gemini_moderation_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The last user turn's text as an OpenAI message, for moderate()."""
+    users = [c for c in body.get("contents") or () if isinstance(c, Mapping) and c.get("role") in (None, "", "user")]
+    parts = users[-1].get("parts") or () if users else ()
+    text = "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+    return {"messages": [{"role": "user", "content": text}]}
+
+
+async def gemini_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
+                      record: RequestRecord | None = None) -> Response:
+    """chat_flow for Gemini requests. With no Gemini channel for the model, a request no other engine can take is
+    refused at once with a 400 naming what it needs."""
+    channels = admit(gw, key, model)
+    if not any(channel.engine in _GEMINI_FACE.native for channel in channels):
+        try:
+            _GEMINI_FACE.to_chat(body)
+        except adapters.RequestError as exc:
+            raise InvalidRequest(exc.message) from None
+    if key.moderation:
+        await moderate(gw, key, _gemini_moderation_body(body))
+    return await failover(gw, key, model, channels, gemini_sender(gw, body, model, record), record)
+
+
+def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
+    """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = _GEMINI_FACE.native.get(channel.engine)
+        if not isinstance(native, adapters.GeminiNativeAdapter):
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        response = await _open(gw, gw.config.policies[channel.provider],
+                               native.build_count_tokens_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            return _json_response(await _read(response, timeout))
+        finally:
+            response.release()
+
+    return send
+
+
+async def gemini_generate(request: Request) -> Response:
+    """POST .../models/{model}:{verb}: the route and query become the body's model, stream and alt keys."""
+    model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
+    if verb not in _GEMINI_VERBS or not model:
+        raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = {**await read_json(request, gw.config.body_limit), "model": model,
+            "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
+    record = _track(request, key, model)
+    if verb == "countTokens":
+        channels = channels_for(gw, key, model)
+        if not any(channel.engine in _GEMINI_FACE.native for channel in channels):
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
+    try:
+        _GEMINI_FACE.validate(body)
+    except adapters.RequestError as exc:
+        raise InvalidRequest(exc.message) from None
+    return await until_disconnect(request, gemini_flow(gw, key, model, body, record))
+
+
 # --- Stats routes and the request log ---
 
 
@@ -2762,6 +2935,8 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
         Route("/v1beta/models", gemini_models, methods=["GET"]),
         Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
+        Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
+        Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),

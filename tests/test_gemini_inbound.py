@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import FakeUpstream, GatewayServer
+from conftest import FakeUpstream, GatewayServer, Reply, chunks, completion
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -25,6 +26,7 @@ import adapters
 
 FACE = adapters.GeminiFace()
 MakeGateway = Callable[..., GatewayServer]
+FIXTURES = Path(__file__).parent / "fixtures"
 WEATHER = {"name": "get_weather", "description": "Weather of a city", "parameters": {
     "type": "OBJECT", "properties": {"city": {"type": "STRING", "description": "City"},
                                      "days": {"type": "INTEGER", "nullable": True, "minimum": 1, "maxItems": "3"},
@@ -392,3 +394,202 @@ def test_missing_or_unknown_keys_get_googles_error_shape(families: Families) -> 
     with pytest.raises(genai_errors.ClientError) as caught:
         client.models.generate_content(model="gpt-4o", contents="hi")
     assert (caught.value.code, caught.value.status) == (401, "UNAUTHENTICATED")
+
+
+def claude_message(*content: dict[str, Any], stop: str = "end_turn") -> dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": list(content), "stop_reason": stop, "stop_sequence": None,
+            "usage": {"input_tokens": 7, "output_tokens": 3}}
+
+
+def gemini_answer(*parts: dict[str, Any], finish: str = "STOP") -> dict[str, Any]:
+    return {"candidates": [{"content": {"role": "model", "parts": list(parts)}, "finishReason": finish, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 6, "candidatesTokenCount": 2, "totalTokenCount": 8},
+            "modelVersion": "gemini-2.5-flash-001", "responseId": "up-1"}
+
+
+CONFIG = types.GenerateContentConfig(system_instruction="Be brief.", temperature=0.3, max_output_tokens=50,
+                                     stop_sequences=["END"])
+
+
+def test_sdk_generate_content_on_a_gpt_channel(families: Families) -> None:
+    gateway, gpt = families[0], families[1]
+    gpt.enqueue(Reply(json=completion("Hello there", usage={
+        "prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13,
+        "completion_tokens_details": {"reasoning_tokens": 1}})))
+    client = genai_client(gateway)
+    answer = client.models.generate_content(model="gpt-4o", contents="Say hello", config=CONFIG)
+    assert answer.text == "Hello there"
+    assert answer.candidates is not None and answer.candidates[0].finish_reason == types.FinishReason.STOP
+    usage = answer.usage_metadata
+    assert usage is not None
+    assert (usage.prompt_token_count, usage.candidates_token_count, usage.thoughts_token_count,
+            usage.total_token_count) == (9, 3, 1, 13)
+    assert answer.model_version == "gpt-4o"
+    assert gpt.received[0].path == "/v1/chat/completions"
+    assert gpt.received[0].json == {
+        "model": "gpt-4o-2024-08-06", "temperature": 0.3, "max_tokens": 50, "stop": ["END"],
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]}
+
+
+def test_sdk_stream_on_a_gpt_channel(families: Families) -> None:
+    gateway, gpt = families[0], families[1]
+    gpt.enqueue(sse=chunks(["Hel", "lo"], usage=True))
+    client = genai_client(gateway)
+    pieces = list(client.models.generate_content_stream(model="gpt-4o", contents="Say hello"))
+    assert "".join(p.text or "" for p in pieces) == "Hello"
+    last = pieces[-1]
+    assert last.candidates is not None and last.candidates[0].finish_reason == types.FinishReason.STOP
+    assert last.usage_metadata is not None and last.usage_metadata.total_token_count == 7
+    assert gpt.received[0].json["stream"] is True
+    assert gpt.received[0].json["stream_options"] == {"include_usage": True}
+
+
+def weather_tool() -> types.Tool:
+    return types.Tool(function_declarations=[types.FunctionDeclaration(
+        name="get_weather", description="Weather of a city", parameters=types.Schema(
+            type=types.Type.OBJECT, properties={"city": types.Schema(type=types.Type.STRING)}, required=["city"]))])
+
+
+def tool_loop(client: genai.Client, model: str, *, stream: bool = False) -> tuple[types.FunctionCall, str]:
+    """The google-genai function-calling loop: ask, get a call, send its result back, get the answer."""
+    config = types.GenerateContentConfig(tools=[weather_tool()], automatic_function_calling=types.
+                                         AutomaticFunctionCallingConfig(disable=True))
+    contents: list[Any] = [types.Content(role="user", parts=[types.Part(text="Weather in Paris?")])]
+    if stream:
+        pieces = list(client.models.generate_content_stream(model=model, contents=contents, config=config))
+        calls = [c for p in pieces for c in p.function_calls or ()]
+        turn = types.Content(role="model", parts=[types.Part(function_call=c) for c in calls])
+    else:
+        first = client.models.generate_content(model=model, contents=contents, config=config)
+        calls, turn = first.function_calls or [], first.candidates[0].content  # type: ignore[index]
+    assert len(calls) == 1
+    contents += [turn, types.Content(role="user", parts=[types.Part(function_response=types.FunctionResponse(
+        id=calls[0].id, name=calls[0].name, response={"output": "sunny, 21 C"}))])]
+    final = client.models.generate_content(model=model, contents=contents, config=config)
+    return calls[0], final.text or ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sdk_function_calling_loop_on_a_gpt_channel(families: Families, stream: bool) -> None:
+    gateway, gpt = families[0], families[1]
+    call = {"id": "call_w1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    if stream:
+        gpt.enqueue(sse=[{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [
+            {"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, **call}]}, "logprobs": None,
+             "finish_reason": None}]}, {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}]}, "[DONE]"])
+    else:
+        gpt.enqueue(Reply(json=completion("", choices=[{"index": 0, "logprobs": None, "finish_reason": "tool_calls",
+                                                         "message": {"role": "assistant", "content": None,
+                                                                     "tool_calls": [call]}}])))
+    gpt.enqueue(Reply(json=completion("Sunny in Paris.")))
+    function_call, text = tool_loop(genai_client(gateway), "gpt-4o", stream=stream)
+    assert (function_call.name, function_call.args, function_call.id) == ("get_weather", {"city": "Paris"}, "call_w1")
+    assert text == "Sunny in Paris."
+    sent = gpt.received[1].json
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    assert sent["messages"][1:] == [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_w1", "content": "sunny, 21 C"}]
+
+
+def test_sdk_function_calling_loop_on_a_claude_channel(families: Families) -> None:
+    gateway, claude = families[0], families[2]
+    claude.enqueue(Reply(json=claude_message(
+        {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris"}}, stop="tool_use")))
+    claude.enqueue(Reply(json=claude_message({"type": "text", "text": "Sunny in Paris."})))
+    function_call, text = tool_loop(genai_client(gateway), "sonnet")
+    assert (function_call.name, function_call.id, text) == ("get_weather", "toolu_01", "Sunny in Paris.")
+    replay = claude.received[1].json
+    assert claude.received[1].path == "/v1/messages" and replay["model"] == "claude-sonnet-4-5"
+    assert replay["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01",
+                                      "content": [{"type": "text", "text": "sunny, 21 C"}]}]}]
+
+
+def test_sdk_stream_on_a_claude_channel(families: Families) -> None:
+    gateway, claude = families[0], families[2]
+    data = (FIXTURES / "claude" / "basic_stream.upstream.sse").read_bytes()
+    claude.enqueue(Reply(raw_chunks=[data[i:i + 64] for i in range(0, len(data), 64)]))
+    client = genai_client(gateway)
+    pieces = list(client.models.generate_content_stream(model="sonnet", contents="Hi"))
+    assert "".join(p.text or "" for p in pieces)
+    assert pieces[-1].usage_metadata is not None and pieces[-1].usage_metadata.prompt_token_count == 25
+
+
+def test_sdk_function_calling_loop_on_a_gemini_channel_passes_bodies_through(families: Families) -> None:
+    gateway, gemini = families[0], families[3]
+    gemini.enqueue(Reply(json=gemini_answer({"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                                             "thoughtSignature": "c2ln"})))
+    gemini.enqueue(Reply(json=gemini_answer({"text": "Sunny in Paris."})))
+    function_call, text = tool_loop(genai_client(gateway), "flash")
+    assert (function_call.name, text) == ("get_weather", "Sunny in Paris.")
+    first, second = gemini.received
+    assert first.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert first.headers["x-goog-api-key"] == "AIza-gemini-secret" and "key" not in first.query
+    assert not {"model", "stream", "alt"} & set(first.json)  # the SDK's body as sent, no route keys added
+    declaration = first.json["tools"][0]["functionDeclarations"][0]
+    assert declaration["parameters"] == {"type": "OBJECT", "required": ["city"],
+                                         "properties": {"city": {"type": "STRING"}}}
+    assert second.json["contents"][1]["parts"][0]["thoughtSignature"] == "c2ln"  # the SDK sent it back as is
+
+
+def test_sdk_stream_on_a_gemini_channel_relays_each_event(families: Families) -> None:
+    gateway, gemini = families[0], families[3]
+    gemini.enqueue(Reply(sse=[gemini_answer({"text": "Hel"}, finish="")] + [gemini_answer({"text": "lo"})]))
+    client = genai_client(gateway)
+    pieces = list(client.models.generate_content_stream(model="flash", contents="Hi"))
+    assert [p.text for p in pieces] == ["Hel", "lo"]
+    assert {p.model_version for p in pieces} == {"flash"} and pieces[-1].response_id == "up-1"
+    assert gemini.received[0].path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+    assert gemini.received[0].query == {"alt": "sse"}
+
+
+def test_json_array_stream_without_alt(families: Families) -> None:
+    gateway, gpt, gemini = families[0], families[1], families[3]
+    gpt.enqueue(sse=chunks(["a", "b"], usage=True))
+    gemini.enqueue(Reply(sse=[gemini_answer({"text": "x"}, finish=""), gemini_answer({"text": "y"})]))
+    for model, texts in (("gpt-4o", ["a", "b", ""]), ("flash", ["x", "y"])):
+        answer = httpx.post(f"{gateway.url}/v1beta/models/{model}:streamGenerateContent", json=body(),
+                            headers={"x-goog-api-key": "sk-client"})
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/json")
+        array = answer.json()
+        assert [r["candidates"][0]["content"]["parts"][0]["text"] for r in array] == texts
+        assert array[-1]["candidates"][0]["finishReason"] == "STOP"
+
+
+@pytest.mark.parametrize(("model", "tokens"), [("gpt-4o", 4), ("sonnet", 4), ("flash", 42)])
+def test_sdk_count_tokens_counts_on_gemini_and_estimates_elsewhere(families: Families, model: str,
+                                                                   tokens: int) -> None:
+    gateway, gemini = families[0], families[3]
+    gemini.enqueue(Reply(json={"totalTokens": 42}))
+    client = genai_client(gateway)
+    assert client.models.count_tokens(model=model, contents="Hello there").total_tokens == tokens
+    if model == "flash":
+        assert gemini.received[0].path == "/v1beta/models/gemini-2.5-flash:countTokens"
+        assert gemini.received[0].json == {"contents": [{"parts": [{"text": "Hello there"}], "role": "user"}]}
+
+
+def test_google_side_tools_get_a_400_naming_them_without_a_gemini_channel(families: Families) -> None:
+    gateway, gpt = families[0], families[1]
+    client = genai_client(gateway)
+    config = types.GenerateContentConfig(tools=[types.Tool(google_search=types.GoogleSearch())])
+    with pytest.raises(genai_errors.ClientError) as caught:
+        client.models.generate_content(model="gpt-4o", contents="news?", config=config)
+    assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
+    assert "googleSearch" in str(caught.value.message)
+    assert gpt.received == []
+
+
+def test_bad_request_bodies_get_googles_400(families: Families) -> None:
+    answer = httpx.post(families[0].url + "/v1beta/models/gpt-4o:generateContent?key=sk-client",
+                        json={"contents": "hi"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and "contents" in answer.json()["error"]["message"]
+    unknown = httpx.post(families[0].url + "/v1beta/models/gpt-4o:predictLongRunning?key=sk-client", json=body())
+    assert unknown.status_code == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
