@@ -403,7 +403,9 @@ def claude_message(*content: dict[str, Any], stop: str = "end_turn") -> dict[str
 
 
 def gemini_answer(*parts: dict[str, Any], finish: str = "STOP") -> dict[str, Any]:
-    return {"candidates": [{"content": {"role": "model", "parts": list(parts)}, "finishReason": finish, "index": 0}],
+    candidate = {"content": {"role": "model", "parts": list(parts)}, "index": 0, **({"finishReason": finish} if finish
+                                                                                  else {})}
+    return {"candidates": [candidate],
             "usageMetadata": {"promptTokenCount": 6, "candidatesTokenCount": 2, "totalTokenCount": 8},
             "modelVersion": "gemini-2.5-flash-001", "responseId": "up-1"}
 
