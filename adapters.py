@@ -48,6 +48,7 @@ except ImportError:  # the universal .pex carries no compiled modules
     JSONDecodeError = ValueError
 
 Endpoint = Literal["chat", "embeddings", "images", "transcriptions", "speech", "moderations", "models"]
+StreamFormat = Literal["sse", "aws"]
 
 # --- Records ---
 
@@ -182,17 +183,23 @@ def build_chunk(
     chunk_id: str,
     model: str,
     created: int,
-    delta: dict[str, Any],
+    delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: dict[str, Any] | None = None,
+    *,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One `chat.completion.chunk` with a single choice (CreateChatCompletionStreamResponse)."""
+    """One `chat.completion.chunk` (CreateChatCompletionStreamResponse): one choice, or none when `delta` is
+    None. Every engine's chunks come from here. `created` 0 means the provider gave no timestamp: the gateway
+    stamps the request's time on it (uni_api._stamp), as adapters never read the clock."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]
     chunk: dict[str, Any] = {
         "id": chunk_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
     }
     if usage is not None:
         chunk["usage"] = usage
@@ -201,14 +208,7 @@ def build_chunk(
 
 def build_usage_chunk(chunk_id: str, model: str, created: int, usage: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: empty choices, usage set."""
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+    return build_chunk(chunk_id, model, created, None, usage=usage)
 
 
 def build_usage(
@@ -225,6 +225,29 @@ def build_usage(
     if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": int(reasoning)}
     return usage
+
+
+@dataclass(slots=True)
+class ChunkStream:
+    """The chunks of one stream converted from another engine's events: one id, the assistant role on the
+    first; `created` is left 0 for the gateway to stamp (these formats carry no timestamp)."""
+
+    model: str
+    id: str = field(default_factory=new_id)
+    started: bool = False
+
+    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
+            self.started = True
+            delta = {"role": "assistant", **delta}
+        return build_chunk(self.id, self.model, 0, delta, finish_reason)
+
+    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
+        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
+        tail = [self.delta({}, finish)]
+        if include_usage and usage is not None:
+            tail.append(build_usage_chunk(self.id, self.model, 0, usage))
+        return tail
 
 
 def build_completion(
@@ -294,11 +317,15 @@ class Adapter:
     """The OpenAI wire format; other engines override the hooks that differ."""
 
     engine: ClassVar[str] = "gpt"
-    stream_format: ClassVar[Literal["sse", "ndjson", "aws"]] = "sse"
+    stream_format: ClassVar[StreamFormat] = "sse"  # how the upstream frames a stream: a key of FRAMERS
     auth: ClassVar[str] = "bearer"
     endpoints: ClassVar[frozenset[str]] = frozenset(_OPENAI_PATHS)
     default_base_url: ClassVar[str] = ""
     inline_images: ClassVar[bool] = False  # True: the gateway fetches http image URLs into data URIs first
+    client_headers: ClassVar[tuple[str, ...]] = ()  # forwarded from the client on a face's passthrough
+    # Provider fields (Provider.extra) the engine cannot work without: parse_config refuses a provider that
+    # lacks one, naming file, line and key, so no request ever finds out.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     # Request side
 
@@ -360,8 +387,8 @@ class Adapter:
     # Response side
 
     def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        """Frame the upstream byte stream into events; engines with another framing override this."""
-        return iter_sse(chunks)
+        """Frame the upstream byte stream into events, by the engine's `stream_format`."""
+        return FRAMERS[self.stream_format](chunks)
 
     def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if not isinstance(native, dict) or not isinstance(native.get("choices"), list):
@@ -717,21 +744,13 @@ def _claude_tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _ClaudeStream:
-    """One Claude stream being converted: chunk id, tool-call numbering, usage so far and the stop reason."""
+    """One Claude stream being converted: its chunks, tool-call numbering, usage so far and the stop reason."""
 
-    model: str
-    chunk_id: str = field(default_factory=new_id)
-    created: int = 0
+    out: ChunkStream
     tools: dict[int, int] = field(default_factory=dict)  # Anthropic content index -> OpenAI tool_calls index
     usage: dict[str, Any] = field(default_factory=dict)
     stop_reason: str | None = None
-    started: bool = False
     thinking: dict[int, str] = field(default_factory=dict)  # content index -> thinking text so far
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        if not self.started:  # the role rides on the first chunk with content, so an early error can fail over
-            delta, self.started = {"role": "assistant", **delta}, True
-        return build_chunk(self.chunk_id, self.model, self.created, delta, finish_reason)
 
     def on_message_start(self, event: Mapping[str, Any]) -> None:
         self.usage.update((event.get("message") or {}).get("usage") or {})
@@ -818,7 +837,7 @@ class ClaudeAdapter(Adapter):
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"model": target.upstream_model, **request}
 
-    def parse_response(self, native: Any, model: str, *, created: int | None = None) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         if isinstance(native, dict) and isinstance(native.get("error"), Mapping):
             raise _claude_error(native)
         if not isinstance(native, dict) or not isinstance(native.get("content"), list):
@@ -837,12 +856,12 @@ class ClaudeAdapter(Adapter):
             message["tool_calls"] = calls
         finish = _CLAUDE_STOP_REASONS.get(native.get("stop_reason"), "stop")
         usage = claude_usage(native["usage"]) if isinstance(native.get("usage"), Mapping) else None
-        return build_completion(model, created or 0, message, finish, usage)
+        return build_completion(model, 0, message, finish, usage)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int | None = None
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
-        state = _ClaudeStream(model, created=created or 0)
+        state = _ClaudeStream(ChunkStream(model))
         async for event in events:
             data = _load_event(event)
             if data.get("type") == "message_stop":
@@ -850,13 +869,17 @@ class ClaudeAdapter(Adapter):
             handler = _CLAUDE_STREAM_HANDLERS.get(data.get("type"))
             delta = handler(state, data) if handler else None
             if delta:
-                yield state.chunk(delta)
+                yield state.out.delta(delta)
         else:
             if state.stop_reason is None:
                 raise UpstreamError(502, "upstream stream ended before message_stop")
-        yield state.chunk({}, _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop"))
-        if include_usage:
-            yield build_usage_chunk(state.chunk_id, model, state.created, claude_usage(state.usage))
+        finish = _CLAUDE_STOP_REASONS.get(state.stop_reason or "", "stop")
+        for chunk in state.out.tail(finish, claude_usage(state.usage), include_usage):
+            yield chunk
+
+
+# Vertex AI: the project is in every URL; the service account's email and key sign the OAuth assertion.
+VERTEX_REQUIRES: Final = ("project_id", "client_email", "private_key")
 
 
 class VertexClaudeAdapter(ClaudeAdapter):
@@ -864,6 +887,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
 
     engine = "vertex-claude"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     ANTHROPIC_VERSION: ClassVar[str] = "vertex-2023-10-16"
 
@@ -874,7 +898,7 @@ class VertexClaudeAdapter(ClaudeAdapter):
         if endpoint == "models":  # "publishers.models.list" (v1beta1); the version view names `@date` versions
             return f"{root}/v1beta1/publishers/anthropic/models?pageSize=1000&view=PUBLISHER_MODEL_VERSION_VIEW_BASIC"
         method = "streamRawPredict" if body.get("stream") else "rawPredict"
-        return (f"{root}/v1/projects/{extra.get('project_id', '')}/locations/{region}"
+        return (f"{root}/v1/projects/{extra['project_id']}/locations/{region}"
                 f"/publishers/anthropic/models/{target.upstream_model}:{method}")
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1011,6 +1035,12 @@ async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEven
             raise _bedrock_stream_error(headers, payload)
 
 
+# Stream framing by Adapter.stream_format: server-sent events, or AWS event-stream messages (Bedrock).
+FRAMERS: Final[Mapping[StreamFormat, Callable[[AsyncIterator[bytes]], AsyncIterator[SSEEvent]]]] = MappingProxyType(
+    {"sse": iter_sse, "aws": iter_aws_events}
+)
+
+
 class BedrockAdapter(ClaudeAdapter):
     """Claude on Amazon Bedrock: InvokeModel / InvokeModelWithResponseStream, SigV4-signed with the provider's
     aws_access_key / aws_secret_key; streams arrive in AWS event-stream framing (`iter_aws_events`)."""
@@ -1018,13 +1048,12 @@ class BedrockAdapter(ClaudeAdapter):
     engine = "aws"
     auth = "sigv4"
     stream_format = "aws"
+    requires = ("aws_access_key", "aws_secret_key")  # the region has a default (us-east-1)
     default_base_url = "https://bedrock-runtime.us-east-1.amazonaws.com"
     ANTHROPIC_VERSION: ClassVar[str] = "bedrock-2023-05-31"
 
     def build_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
         extra = target.provider.extra
-        if not (extra.get("aws_access_key") and extra.get("aws_secret_key")):
-            raise UpstreamError(401, "provider has no aws_access_key and aws_secret_key")
         url, data = self.url("chat", body, target), dumps(self.payload(body, target))
         headers = sign_aws_v4("POST", url, {"Content-Type": "application/json"}, data,
                               access_key=extra["aws_access_key"], secret_key=extra["aws_secret_key"],
@@ -1051,9 +1080,6 @@ class BedrockAdapter(ClaudeAdapter):
         request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
 
-    def iter_events(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
-        return iter_aws_events(chunks)
-
     def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
         # Bedrock errors are {"message": ...}, some (AccessDenied) spelled {"Message": ...}.
         return super().parse_error(status, body.replace(b'"Message":', b'"message":', 1), retry_after)
@@ -1066,8 +1092,8 @@ class BedrockAdapter(ClaudeAdapter):
         if root == self.default_base_url or "bedrock-runtime." in root:
             root = f"https://bedrock.{self.region(provider)}.amazonaws.com"
         url = f"{root}/foundation-models?byProvider=Anthropic"
-        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra.get("aws_access_key", ""),
-                              secret_key=extra.get("aws_secret_key", ""), region=self.region(provider),
+        headers = sign_aws_v4("GET", url, {}, b"", access_key=extra["aws_access_key"],
+                              secret_key=extra["aws_secret_key"], region=self.region(provider),
                               service="bedrock", now=target.now)
         return UpstreamRequest("GET", url, headers)
 
@@ -1395,13 +1421,6 @@ def _gemini_created(native: Mapping[str, Any]) -> int:
     return int(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
 
 
-def _gemini_chunk(chunk_id: str, model: str, created: int, index: int, delta: dict[str, Any],
-                  finish: str | None = None) -> dict[str, Any]:
-    chunk = build_chunk(chunk_id, model, created, delta, finish)
-    chunk["choices"][0]["index"] = index  # candidateCount (n) > 1 streams several candidates
-    return chunk
-
-
 def _google_error(body: bytes) -> Mapping[str, Any]:
     """The `error` object of Google's error shape (a JSON array of it when a stream lacked alt=sse)."""
     try:
@@ -1491,12 +1510,12 @@ class GeminiAdapter(Adapter):
                 if candidate.get("finishReason"):
                     finish[index] = _gemini_finish(candidate["finishReason"], calls[index] > 0)
                 if delta:
-                    yield _gemini_chunk(chunk_id, model, created, index, delta)
+                    yield build_chunk(chunk_id, model, created, delta, index=index)  # n > 1: several candidates
         if not finish:
             raise UpstreamError(502, "upstream stream ended before it finished")
         for index, reason in sorted(finish.items()):
-            yield _gemini_chunk(chunk_id, model, created, index,
-                                {} if index in calls else {"role": "assistant", "content": ""}, reason)
+            yield build_chunk(chunk_id, model, created, {} if index in calls else {"role": "assistant", "content": ""},
+                              reason, index=index)
         if include_usage:
             yield build_usage_chunk(chunk_id, model, created, usage or build_usage(0, 0))
 
@@ -1569,6 +1588,7 @@ class VertexGeminiAdapter(GeminiAdapter):
 
     engine = "vertex-gemini"
     auth = "google-oauth"
+    requires = VERTEX_REQUIRES
     default_base_url = "https://aiplatform.googleapis.com"
     methods = MappingProxyType({"chat": "generateContent", "embeddings": "predict"})
     models_key = "publisherModels"
@@ -1579,7 +1599,7 @@ class VertexGeminiAdapter(GeminiAdapter):
         root = vertex_root(target.provider.base_url, region)
         if endpoint == "models":  # "publishers.models.list", v1beta1 only; it needs the OAuth token too
             return f"{root}/v1beta1/publishers/google/models?pageSize=1000"
-        model_path = f"projects/{extra.get('project_id', '')}/locations/{region}/publishers/google/models"
+        model_path = f"projects/{extra['project_id']}/locations/{region}/publishers/google/models"
         return f"{root}/v1/{model_path}/{target.upstream_model}:{self.method(endpoint, body)}"
 
     def headers(self, target: Target) -> dict[str, str]:
@@ -1687,7 +1707,6 @@ def _rsa_private_numbers(pem: str) -> list[int]:
 _GOOGLE_ADAPTERS: Final[tuple[Adapter, ...]] = (GeminiAdapter(), VertexGeminiAdapter())
 
 # --- Cohere and Cloudflare ---
-# parse_response/parse_stream take `created` as a keyword: adapters never read the clock, the flow may pass it.
 
 
 def _text_of(content: Any) -> str:
@@ -1716,29 +1735,6 @@ def _model_names(native: Any, key: str) -> list[str]:
     if not isinstance(models, list):
         raise UpstreamError(502, f"models list has no '{key}' array")
     return [str(m["name"]) for m in models if isinstance(m, dict) and "name" in m]
-
-
-@dataclass(slots=True)
-class _Chunks:
-    """One converted stream's chunks: the first delta also carries the assistant role."""
-
-    model: str
-    created: int
-    id: str = field(default_factory=new_id)
-    started: bool = False
-
-    def delta(self, delta: dict[str, Any]) -> dict[str, Any]:
-        if not self.started:
-            self.started = True
-            delta = {"role": "assistant", **delta}
-        return build_chunk(self.id, self.model, self.created, delta)
-
-    def tail(self, finish: str, usage: dict[str, Any] | None, include_usage: bool) -> list[dict[str, Any]]:
-        """The finish chunk, then the usage chunk when the client asked for it and the upstream reported one."""
-        tail = [build_chunk(self.id, self.model, self.created, {}, finish)]
-        if include_usage and usage is not None:
-            tail.append(build_usage_chunk(self.id, self.model, self.created, usage))
-        return tail
 
 
 # Cohere Chat API v2 (docs.cohere.com/reference/chat), "ChatFinishReason"; ERROR and TIMEOUT are failures.
@@ -1870,7 +1866,7 @@ class CohereAdapter(Adapter):
             payload.update(_cohere_tools(body.get("tools"), body.get("tool_choice")))
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         """"v2_chat_Response": content[] text and thinking, tool_plan, tool_calls, finish_reason, usage."""
         message = native.get("message") if isinstance(native, dict) else None
         if not isinstance(message, dict):
@@ -1884,14 +1880,14 @@ class CohereAdapter(Adapter):
             result["reasoning_content"] = thinking
         if message.get("tool_calls"):
             result["tool_calls"] = [_openai_tool_call(c) for c in message["tool_calls"]]
-        return build_completion(model, created, result, finish, _cohere_usage(native.get("usage")),
+        return build_completion(model, 0, result, finish, _cohere_usage(native.get("usage")),
                                 native.get("id") or None)
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """Cohere v2 "Chat with Streaming" events, each JSON with a `type`, to OpenAI chunks."""
-        chunks, tool_index = _Chunks(model, created), {}
+        chunks, tool_index = ChunkStream(model), {}
         async for event in events:
             if event.data == "[DONE]":
                 continue
@@ -2035,11 +2031,10 @@ class CloudflareAdapter(Adapter):
     endpoints = frozenset({"chat", "embeddings", "models"})
     default_base_url = "https://api.cloudflare.com"
     inline_images = True  # vision models take data: URIs only ("HTTP URL will not be accepted")
+    requires = ("cf_account_id",)
 
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
-        account = target.provider.extra.get("cf_account_id")
-        if not account:
-            raise UpstreamError(502, f"provider {target.provider.name} has no cf_account_id", retryable=True)
+        account = target.provider.extra["cf_account_id"]
         root = target.provider.base_url.rstrip("/").split("/client/v4")[0] + f"/client/v4/accounts/{account}/ai"
         if endpoint == "models":  # "Model Search"
             return root + "/models/search?task=Text%20Generation&per_page=100"
@@ -2056,7 +2051,7 @@ class CloudflareAdapter(Adapter):
                 payload.pop(name, None)
         return self.apply_overrides(payload, target)
 
-    def parse_response(self, native: Any, model: str, *, created: int = 0) -> dict[str, Any]:
+    def parse_response(self, native: Any, model: str) -> dict[str, Any]:
         result = _cloudflare_result(native)
         if isinstance(result.get("choices"), list):  # newer models answer an OpenAI chat.completion
             return _complete_openai_shape(result, model)
@@ -2066,13 +2061,13 @@ class CloudflareAdapter(Adapter):
         if calls:
             message["tool_calls"] = calls
         finish = "tool_calls" if calls else "stop"
-        return build_completion(model, created, message, finish, _cloudflare_usage(result.get("usage")))
+        return build_completion(model, 0, message, finish, _cloudflare_usage(result.get("usage")))
 
     async def parse_stream(
-        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False, created: int = 0
+        self, events: AsyncIterator[SSEEvent], model: str, *, include_usage: bool = False
     ) -> AsyncIterator[dict[str, Any]]:
         """SSE `data: {"response": "...", "p": "..."}` ... `data: {"response": "", "usage": {...}}`, [DONE]."""
-        chunks, tools = _Chunks(model, created), []
+        chunks, tools = ChunkStream(model), []
         usage, finish, done = None, None, False
         async for event in events:
             if event.data == "[DONE]":
@@ -2140,6 +2135,151 @@ _OTHER_ADAPTERS: Final[tuple[Adapter, ...]] = (CohereAdapter(), CloudflareAdapte
 ADAPTERS: Final[Mapping[str, Adapter]] = MappingProxyType(
     {a.engine: a for a in (*_OPENAI_ADAPTERS, *_CLAUDE_ADAPTERS, *_GOOGLE_ADAPTERS, *_OTHER_ADAPTERS)}
 )
+
+# --- Faces: the client APIs ---
+# A face is one API clients speak (OpenAI chat, Anthropic Messages, ...). It checks a request's shape, turns it into
+# an OpenAI chat request for the adapters, and renders the answer, the stream and errors back in its own format.
+# Engines that speak the face natively (`native`) get the body as sent and their answer is relayed as it came.
+# uni_api.py knows faces only through FACES, at the end of the inbound sections.
+
+
+class RequestError(Exception):
+    """A request the face cannot take: answered 400 in the face's error shape; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+class FaceStream:
+    """OpenAI chat chunks rendered as one face's stream, as framed bytes; one per request."""
+
+    media_type: ClassVar[str] = "text/event-stream"
+
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        """The frames of a normal end (the face's terminal event)."""
+        raise NotImplementedError
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        """The frames that end a stream failing after its commit, in the face's error shape."""
+        raise NotImplementedError
+
+
+class NativeStream:
+    """A native upstream's events relayed as they came; `usage` (OpenAI-shaped) and `done` are read by the relay."""
+
+    media_type: ClassVar[str] = "text/event-stream"
+    usage: dict[str, Any] | None = None
+    done: bool = False
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        """The event's frame; an error event first in the stream raises UpstreamError, so another channel can try."""
+        raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        """Frames after the upstream's last event (a format whose stream needs closing, such as a JSON array)."""
+        return []
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        raise NotImplementedError
+
+
+class Face:
+    """A client API. `to_chat` may raise UpstreamError(400, retryable=True) for what only a native engine serves."""
+
+    name: ClassVar[str]
+    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        """Shape checks the conversions rely on; returns the model alias or raises RequestError."""
+        raise NotImplementedError
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        raise NotImplementedError
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
+        return error_body(message, type_, code)
+
+    def is_stream(self, body: Mapping[str, Any]) -> bool:
+        return bool(body.get("stream"))
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The text of the last user turn, for moderation: a string content, or its text parts joined."""
+        for message in reversed(body.get("messages") or ()):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    return "\n".join(part["text"] for part in content if isinstance(part, dict)
+                                     and part.get("type") == "text" and isinstance(part.get("text"), str))
+                return content if isinstance(content, str) else ""
+        return ""
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        """A native upstream's whole answer as sent to the client, and its usage in OpenAI's shape."""
+        raise NotImplementedError
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        raise NotImplementedError
+
+
+def require_model(body: Mapping[str, Any], default: str | None = None) -> str:
+    model = body.get("model", default)
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a non-empty string.", "model", "invalid_model")
+    return model
+
+
+class _ChatStream(FaceStream):
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        return [sse_frame(chunk)]
+
+    def end(self) -> list[bytes]:
+        return [SSE_DONE]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        return [sse_frame(error_body(message, "upstream_error", "stream_interrupted")), SSE_DONE]
+
+
+_CHAT_STREAM: Final = _ChatStream()  # stateless, so one serves every request
+
+
+class ChatFace(Face):
+    """OpenAI Chat Completions, the gateway's own format: conversions are the identity."""
+
+    name = "chat"
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        model = require_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' is required and must be a non-empty array.", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise RequestError(f"'messages[{i}]' must be an object with a string 'role'.", f"messages[{i}]")
+        if not isinstance(body.get("stream", False), bool):
+            raise RequestError("'stream' must be a boolean.", "stream")
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise RequestError("'stream_options' must be an object.", "stream_options")
+        return model
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return body  # type: ignore[return-value]  # read only, as every face's chat request is
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return completion
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        return _CHAT_STREAM
+
 
 # --- Anthropic Messages inbound ---
 # Clients of Anthropic's Messages API (Claude Code, the anthropic SDKs) reach every channel: a channel speaking that
@@ -2367,8 +2507,9 @@ def to_messages_response(completion: Mapping[str, Any], model: str,
 
 
 @dataclass
-class _MessagesStream:
-    """OpenAI chunks becoming "Streaming Messages" events: one block open at a time, indexes in order."""
+class _MessagesStream(FaceStream):
+    """OpenAI chunks becoming "Streaming Messages" events: message_start, content_block_start / _delta / _stop per
+    block (one open at a time, indexes in order), message_delta with stop_reason and usage, message_stop."""
 
     model: str
     stop_sequences: tuple[str, ...] = ()
@@ -2378,6 +2519,7 @@ class _MessagesStream:
     called: bool = False
     finish: Mapping[str, Any] = field(default_factory=dict)  # the choice that carried finish_reason
     usage: Any = None
+    started: bool = False
 
     def start(self) -> dict[str, Any]:
         message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.model, "content": [],
@@ -2412,7 +2554,12 @@ class _MessagesStream:
                            "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}})
         return events
 
-    def on_chunk(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def on_chunk(self, chunk: dict[str, Any]) -> list[bytes]:
+        events = [] if self.started else [self.start()]
+        self.started = True
+        return [event_frame(event) for event in events + self.chunk_events(chunk)]
+
+    def chunk_events(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
         self.usage = chunk.get("usage") or self.usage
         events: list[dict[str, Any]] = []
         for choice in chunk.get("choices") or ():
@@ -2428,24 +2575,25 @@ class _MessagesStream:
             self.finish = choice if choice.get("finish_reason") else self.finish
         return events
 
-    def end(self) -> list[dict[str, Any]]:
+    def end(self) -> list[bytes]:
         stop_reason, stop_sequence = _messages_stop(self.finish, self.called, self.stop_sequences)
-        return [*self.close(), {"type": "message_delta", "delta": {"stop_reason": stop_reason,
-                                                                    "stop_sequence": stop_sequence},
-                                "usage": to_messages_usage(self.usage)}, {"type": "message_stop"}]
+        events = [*self.close(), {"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                                      "stop_sequence": stop_sequence},
+                                  "usage": to_messages_usage(self.usage)}, {"type": "message_stop"}]
+        return [event_frame(event) for event in events]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        """"Errors": an error event may arrive mid-stream; it is the stream's last."""
+        return [event_frame(messages_error_body(message, status))]
 
 
-async def iter_messages_events(chunks: AsyncIterator[dict[str, Any]], model: str,
-                             stop_sequences: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
-    """OpenAI chunks as the "Streaming Messages" flow: message_start, content_block_start / _delta / _stop per
-    block, message_delta with stop_reason and usage, message_stop."""
-    state = _MessagesStream(model, stop_sequences)
-    yield state.start()
-    async for chunk in chunks:
-        for event in state.on_chunk(chunk):
-            yield event
-    for event in state.end():
-        yield event
+def messages_frame(name: str, data: bytes) -> bytes:
+    """One "Streaming Messages" event; a data value spanning lines keeps one `data:` field per line."""
+    return b"event: " + name.encode() + b"\ndata: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
+
+
+def event_frame(event: Mapping[str, Any]) -> bytes:
+    return messages_frame(str(event["type"]), dumps(event))
 
 
 def rename_model(raw: bytes, model: str) -> bytes:
@@ -2490,7 +2638,7 @@ class MessagesAdapter(ClaudeAdapter):
     """A Messages API body sent as it came: only the engine's envelope changes (the model, or for Vertex and
     Bedrock anthropic_version in its place). The variants below inherit it."""
 
-    client_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)  # forwarded from the client
+    client_headers = ("anthropic-beta",)
     counts_tokens: ClassVar[bool] = True
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
@@ -2519,6 +2667,102 @@ MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(
 )
 COUNTING_ENGINES: Final = frozenset(engine for engine, a in MESSAGES_PASSTHROUGH.items() if a.counts_tokens)
 
+# "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
+# cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
+_USAGE_PATHS: Final = MappingProxyType({"message": ("usage",), "message_start": ("message", "usage"),
+                                        "message_delta": ("usage",)})
+
+
+def _native_usage(name: str, data: bytes | str) -> Mapping[str, Any] | None:
+    path = _USAGE_PATHS.get(name)
+    if path is None:
+        return None
+    try:
+        found: Any = loads(data)
+        for step in path:
+            found = found.get(step)
+    except (ValueError, AttributeError, RecursionError):  # not JSON, or not the documented shape: nothing to count
+        return None
+    return found if isinstance(found, Mapping) else None
+
+
+@dataclass
+class _MessagesNative(NativeStream):
+    """A Messages-speaking channel's stream: relayed as sent but for message_start's model; usage noted."""
+
+    model: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+    done: bool = False
+    first: bool = True
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        name = first_messages_event(event) if self.first else messages_event_name(event)
+        self.first = False
+        found = _native_usage(name, event.data)
+        if found is not None:
+            self.counts.update((k, v) for k, v in found.items() if v is not None)
+            self.usage = claude_usage(self.counts)
+        self.done = name in ("message_stop", "error")
+        data = event.data.encode()
+        return messages_frame(name, rename_model(data, self.model) if name == "message_start" else data)
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        return [event_frame(messages_error_body(message, status))]
+
+
+def _validate_blocks(body: Mapping[str, Any]) -> None:
+    for i, message in enumerate(body["messages"]):
+        if message["role"] not in ("user", "assistant") or not _blocks_ok(message.get("content")):
+            raise RequestError(f"'messages[{i}]' needs role 'user' or 'assistant' and content that is a string "
+                               "or an array of content blocks.", f"messages[{i}]")
+    if body.get("system") is not None and not _blocks_ok(body["system"]):
+        raise RequestError("'system' must be a string or an array of text blocks.", "system")
+    for name in ("tools", "stop_sequences"):
+        if not isinstance(body.get(name) or [], list):
+            raise RequestError(f"'{name}' must be an array.", name)
+    for name in ("tool_choice", "thinking", "output_config"):
+        if not isinstance(body.get(name) or {}, dict):
+            raise RequestError(f"'{name}' must be an object.", name)
+
+
+def _blocks_ok(content: Any) -> bool:
+    return isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
+
+
+class MessagesFace(Face):
+    """Anthropic's Messages API (Claude Code, the anthropic SDKs); errors in Anthropic's shape."""
+
+    name = "messages"
+    native = MESSAGES_PASSTHROUGH
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        model = _CHAT.validate(body)
+        _validate_blocks(body)
+        return model
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return from_messages_request(body)
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return to_messages_response(completion, model, tuple(body.get("stop_sequences") or ()))
+
+    def stream(self, body: Mapping[str, Any], model: str) -> FaceStream:
+        return _MessagesStream(model, tuple(body.get("stop_sequences") or ()))
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
+        return messages_error_body(message, status)
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        found = _native_usage("message", raw)
+        return rename_model(raw, model), None if found is None else claude_usage(found)
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        return _MessagesNative(model)
+
+
+_CHAT: Final = ChatFace()
+
 # --- Gemini generateContent inbound ---
 # Clients of Gemini's API (Gemini CLI, the google-genai SDKs) reach every channel: Gemini and Vertex-Gemini channels
 # get the body as sent (GeminiFace.native); for any other the request becomes an OpenAI chat request and the answer a
@@ -2527,14 +2771,6 @@ COUNTING_ENGINES: Final = frozenset(engine for engine, a in MESSAGES_PASSTHROUGH
 # UsageMetadata), "models.streamGenerateContent" (with alt=sse one GenerateContentResponse per `data:` event, else
 # one JSON array of them), "models.countTokens", "models.list" / "models.get" (Model), "Schema", and the error
 # model of Google APIs ("API design guide", Errors: google.rpc.Status with code, message and status).
-
-
-class RequestError(Exception):
-    """A request the face cannot take: 400 in the face's error shape. `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
 
 
 # Keys the gateway's route adds to the body (the model and verb come in the URL; alt in the query); never sent.
@@ -2921,7 +3157,7 @@ def to_gemini_response(completion: Mapping[str, Any], model: str) -> dict[str, A
 
 
 @dataclass
-class GeminiStream:
+class GeminiStream(FaceStream):
     """OpenAI chunks as streamGenerateContent frames: with alt=sse one `data:` event per GenerateContentResponse
     (CRLF-terminated, as Google frames them), else the elements of one JSON array. Text and thoughts go out as
     they come; a function call goes out whole, in the last frame, with finishReason and usageMetadata."""
@@ -2989,7 +3225,7 @@ def rename_model_version(raw: bytes, model: str) -> bytes:
 
 
 @dataclass
-class GeminiNativeStream(GeminiStream):
+class GeminiNativeStream(GeminiStream, NativeStream):
     """A Gemini channel's stream (always asked for with alt=sse) relayed event by event, framed as the client asked;
     only modelVersion changes. An error event first fails the attempt, so another channel can try."""
 
@@ -3048,18 +3284,27 @@ def gemini_model(alias: str) -> dict[str, Any]:
             "description": f"{alias} through uni-api", "supportedGenerationMethods": list(_GEMINI_METHODS)}
 
 
-class GeminiFace:
-    """Gemini's generateContent API as a client format (see the section comment)."""
+class GeminiFace(Face):
+    """Gemini's generateContent API (Gemini CLI, the google-genai SDKs); errors in Google's shape. The route puts
+    the model, the verb's stream flag and the alt query parameter into the body (GEMINI_ROUTE_KEYS)."""
 
-    name: ClassVar[str] = "gemini"
-    native: ClassVar[Mapping[str, Adapter]] = MappingProxyType(
-        {a.engine: a for a in (GeminiNativeAdapter(), VertexGeminiNativeAdapter())})
+    name = "gemini"
+    native = MappingProxyType({a.engine: a for a in (GeminiNativeAdapter(), VertexGeminiNativeAdapter())})
 
     def validate(self, body: Mapping[str, Any]) -> str:
         return validate_gemini(body)
 
     def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return from_gemini_request(body)
+        try:
+            return from_gemini_request(body)
+        except RequestError as exc:  # a Gemini channel later in the plan may take it
+            raise UpstreamError(400, exc.message, retryable=True) from None
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The last user turn's text parts, for moderation."""
+        users = [c for c in body.get("contents") or () if isinstance(c, Mapping) and c.get("role") != "model"]
+        parts = (users[-1].get("parts") or ()) if users else ()
+        return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
 
     def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
         return to_gemini_response(completion, model)
@@ -3080,6 +3325,11 @@ class GeminiFace:
             usage = None
         return rename_model_version(raw, model), usage
 
+
+# --- The faces, by name (uni_api.py's routes pick theirs here) ---
+
+FACES: Final[Mapping[str, Face]] = MappingProxyType(
+    {face.name: face for face in (_CHAT, MessagesFace(), GeminiFace())})
 
 # --- Engine inference ---
 

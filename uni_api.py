@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable and globals().get("__file__"):
-    # CPython keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which
-    # for a server is never. Re-executed as an import (same pid, flags and arguments) it serves without it;
-    # like a script's own sys.path[0], the folder searched is the one of the file a symlink points to.
+# Run as a script, uni_api.py re-executes itself as an import, here, before anything else is imported: CPython
+# keeps a script's whole syntax tree (about 7 MB for this file) until the script returns, which for a server is
+# never. The new image has the same pid, interpreter flags and arguments; like a script's own sys.path[0], the
+# folder searched is the one of the file a symlink points to. UNI_API_NO_REEXEC=1 turns it off, and it stays off
+# under a debugger, coverage or a profiler (a trace or profile hook is set, or one of their modules is loaded):
+# os.execv would replace the process they watch with one they do not.
+if (__name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable
+        and globals().get("__file__") and os.environ.get("UNI_API_NO_REEXEC", "").lower() not in ("1", "true", "yes")
+        and sys.gettrace() is None and sys.getprofile() is None
+        and not any(name in sys.modules for name in ("pdb", "bdb", "pydevd", "debugpy", "coverage", "cProfile",
+                                                     "profile", "pyinstrument", "yappi", "trace"))):
     _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     os.execv(sys.executable, [sys.executable, *_flags, "-c", "import os, sys; sys.path.insert(0, os.path.dirname("
              "sys.argv.pop(1))); import uni_api; sys.exit(uni_api.main())", os.path.realpath(__file__), *sys.argv[1:]])
@@ -24,7 +31,6 @@ import base64
 import bisect
 import contextlib
 import datetime
-import functools
 import gc
 import hashlib
 import hmac
@@ -59,7 +65,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 import adapters
-from adapters import ADAPTERS, SSE_DONE, Adapter, Provider, Target, UpstreamError, UpstreamRequest
+from adapters import ADAPTERS, Adapter, Face, Provider, Target, UpstreamError, UpstreamRequest
 from scheduler import (
     Channel,
     KeyPool,
@@ -104,9 +110,9 @@ class GatewayError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, status: int | None = None, headers: Mapping[str, str] | None = None,
-                 type_: str | None = None, code: str | None = None) -> None:
+                 type_: str | None = None, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message, self.param = message, param
         self.status = status or self.status
         self.type = type_ or self.type
         self.code = code or self.code
@@ -210,6 +216,7 @@ class Config:
     request_timeout: float | None = None  # cap on one request's attempts; None: twice the first's, 0: no cap
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
+    placeholders: tuple[str, ...] = ()  # "file:line: key path" of each value left as api.yaml.example's
 
 
 # --- Config parsing ---
@@ -377,6 +384,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         line = mark.line + 1 if mark else 1
         raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
     root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
+    placeholders = tuple(_placeholders(root.data, source, "", 0))
     root.check_keys(("providers", "api_keys", "preferences"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
@@ -419,9 +427,26 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         else _seconds(prefs, "request_timeout", 0.0),
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
+        placeholders=placeholders,
     )
     _check_moderation_rules(config, entries)
     return config
+
+
+# api.yaml.example's stand-ins for keys and ids (sk-replace-me, gsk-replace-me-1, ...): the start warns of each.
+PLACEHOLDER: Final = "replace-me"
+
+
+def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str]:
+    """Where a value still holds an example placeholder, as "file:line: key path"."""
+    if isinstance(value, str) and PLACEHOLDER in value:
+        yield f"{_source_name(source)}:{line + 1}: {path}"
+    elif isinstance(value, CommentedMap):
+        for key in value:
+            yield from _placeholders(value[key], source, f"{path}.{key}" if path else str(key), value.lc.key(key)[0])
+    elif isinstance(value, CommentedSeq):
+        for i, item in enumerate(value):
+            yield from _placeholders(item, source, f"{path}[{i}]", value.lc.item(i)[0])
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -456,6 +481,9 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
     )
+    for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
+        if not extra.get(required):
+            raise node.error(f"missing required key '{required}' (engine {provider.engine} needs it)", required)
     strategy = prefs.get("api_key_schedule_algorithm", str, "round_robin")
     if strategy not in KEY_STRATEGY_NAMES:
         raise prefs.error(f"expected one of {', '.join(KEY_STRATEGY_NAMES)}", "api_key_schedule_algorithm")
@@ -831,26 +859,12 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
-def require_model(body: Mapping[str, Any], default: str | None = None) -> str:
-    model = body.get("model", default)
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a non-empty string.", code="invalid_model")
-    return model
-
-
-def validate_chat(body: Mapping[str, Any]) -> str:
-    model = require_model(body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' is required and must be a non-empty array.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"'messages[{i}]' must be an object with a string 'role'.")
-    if not isinstance(body.get("stream", False), bool):
-        raise InvalidRequest("'stream' must be a boolean.")
-    if not isinstance(body.get("stream_options") or {}, dict):
-        raise InvalidRequest("'stream_options' must be an object.")
-    return model
+def checked(check: Callable[..., T], *args: Any) -> T:
+    """A face's shape check; its RequestError becomes a 400 naming the field."""
+    try:
+        return check(*args)
+    except adapters.RequestError as exc:
+        raise InvalidRequest(exc.message, code=exc.code or "invalid_request", param=exc.param) from None
 
 
 def parse_multipart(body: bytes, content_type: str) -> tuple[tuple[str, Any], ...]:
@@ -1464,25 +1478,46 @@ async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
 
 # --- Attempts: one try of one channel ---
 
-Send = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
+# One attempt of one request: (channel, adapter, target, timeout) -> the answer, or UpstreamError.
+Sender = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
+
+_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+TRIGGER_WINDOW: Final = 256  # with error_triggers set, a stream commits once this much text was checked
 
 
 def _json_response(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
-                relay: Relay | None = None) -> Send:
-    """Send one chat attempt; streams commit only after the first converted chunk arrived.
+def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
+                record: RequestRecord | None = None) -> Sender:
+    """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
+    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face."""
+    converted: list[Sender] = []
 
-    Streams always ask the adapter (and the upstream, where the engine can) for usage, for the statistics;
-    the usage chunk is dropped again when the client did not ask for it. `relay` writes the committed stream
-    (default: OpenAI's SSE).
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = face.native.get(channel.engine)
+        if native is not None:
+            return await native_attempt(gw, face, native, body, model, client_headers, record, channel, target,
+                                        timeout)
+        if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
+            converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
+        return await converted[0](channel, adapter, target, timeout)
+
+    return send
+
+
+def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
+                face: Face = adapters.FACES["chat"], face_body: Mapping[str, Any] | None = None) -> Sender:
+    """One chat attempt; the answer is rendered by `face` (for `face_body`, the request as the client sent it).
+
+    A stream commits only after its first chunks arrived (see _stream_head), so a channel failing before that is
+    retried on the next one. Streams always ask the adapter (and the upstream, where the engine can) for usage,
+    for the statistics; the usage chunk is dropped again when the client did not ask for it.
     """
-    relay = relay or _relay
     triggers = gw.config.error_triggers
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
+    face_body = body if face_body is None else face_body
     inlined: list[dict[str, Any]] = []
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -1500,38 +1535,27 @@ def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: Reques
                 completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
                 if record is not None:
                     record.add_usage(completion.get("usage"))
-                return _json_response(adapters.dumps(completion))
-            chunks = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
+                return _json_response(adapters.dumps(face.from_chat(completion, face_body, model)))
+            parsed = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
+            chunks = _counted(parsed, include_usage, record, created)
             with _transport_errors(timeout):
-                first = _stamp(await anext_or_fail(chunks), created)
-            if "usage" in first:
-                _take_usage(first, include_usage, record)
-            if triggers:
-                _check_triggers(adapters.dumps(first).decode(), triggers)
+                head = await _stream_head(chunks, triggers)
         except BaseException:
             response.close()
             raise
-        stream = relay(first, _usage_kept(chunks, include_usage, record), response, timeout, created,
-                       gw.config.secrets)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        stream = face.stream(face_body, model)
+        frames = _relay(stream, head, chunks, response, timeout, gw.config.secrets)
+        return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
 
     return send
 
 
-# A committed chat stream to the client: (first chunk, the chunks after it, the upstream response, timeout,
-# created, secrets to redact) -> the bytes sent. It ends a failed stream with an error event of its format.
-Relay = Callable[[dict[str, Any], AsyncIterator[dict[str, Any]], aiohttp.ClientResponse, float, int,
-                  re.Pattern[str] | None], AsyncIterator[bytes]]
-
-_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def _usage_kept(chunks: AsyncIterator[dict[str, Any]], include_usage: bool,
-                      record: RequestRecord | None) -> AsyncIterator[dict[str, Any]]:
-    """Chunks after the first, with usage noted on `record`; usage-only chunks dropped unless the client asked."""
+async def _counted(chunks: AsyncIterator[dict[str, Any]], include_usage: bool, record: RequestRecord | None,
+                   created: int) -> AsyncIterator[dict[str, Any]]:
+    """Chunks stamped with `created`, usage noted on `record`; usage-only chunks dropped unless the client asked."""
     async for chunk in chunks:
         if "usage" not in chunk or _take_usage(chunk, include_usage, record):
-            yield chunk
+            yield _stamp(chunk, created)
 
 
 def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecord | None) -> bool:
@@ -1544,11 +1568,40 @@ def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecor
     return bool(chunk.get("choices"))
 
 
-async def anext_or_fail(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        raise UpstreamError(502, "upstream stream ended before its first chunk") from None
+async def _stream_head(chunks: AsyncIterator[dict[str, Any]], triggers: Sequence[str]) -> list[dict[str, Any]]:
+    """The chunks read before a stream commits: up to the first with output (text, reasoning, a tool call or a
+    finish). With error_triggers set, reading goes on until TRIGGER_WINDOW characters of text were seen, so a
+    trigger in the first chunks fails the attempt before anything reached the client, as for whole answers."""
+    head: list[dict[str, Any]] = []
+    text = ""
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            if not head:
+                raise UpstreamError(502, "upstream stream ended before its first chunk") from None
+            return head
+        head.append(chunk)
+        if triggers:
+            text += _delta_text(chunk)
+            _check_triggers(text, triggers)
+            _check_triggers(adapters.dumps(chunk).decode(), triggers)
+        if _has_output(chunk) and (not triggers or len(text) >= TRIGGER_WINDOW):
+            return head
+
+
+_OUTPUT_FIELDS: Final = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking_blocks", "refusal")
+
+
+def _has_output(chunk: Mapping[str, Any]) -> bool:
+    return any(choice.get("finish_reason") or any((choice.get("delta") or {}).get(name) for name in _OUTPUT_FIELDS)
+               for choice in chunk.get("choices") or ())
+
+
+def _delta_text(chunk: Mapping[str, Any]) -> str:
+    texts = ((choice.get("delta") or {}).get(name) for choice in chunk.get("choices") or ()
+             for name in ("reasoning_content", "content"))
+    return "".join(text for text in texts if isinstance(text, str))
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -1565,20 +1618,25 @@ def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
     return answer
 
 
-async def _relay(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse,
-                 timeout: float, created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """The committed stream: chunks as SSE; a failure ends it with an error chunk and [DONE]."""
+async def _relay(stream: adapters.FaceStream, head: list[dict[str, Any]], chunks: AsyncIterator[dict[str, Any]],
+                 response: aiohttp.ClientResponse, timeout: float, secrets: re.Pattern[str] | None
+                 ) -> AsyncIterator[bytes]:
+    """The committed stream in the face's format; a failure ends it with the face's error event."""
     try:
-        yield adapters.sse_frame(first)
+        for chunk in head:
+            for frame in stream.on_chunk(chunk):
+                yield frame
         with _transport_errors(timeout):
             async for chunk in chunks:
-                yield adapters.sse_frame(_stamp(chunk, created))
+                for frame in stream.on_chunk(chunk):
+                    yield frame
+        last = stream.end()
     except UpstreamError as exc:
-        yield adapters.sse_frame(adapters.error_body(_stream_failure(exc, secrets), "upstream_error",
-                                                     "stream_interrupted"))
+        last = stream.fail(_stream_failure(exc, secrets), 502)
     finally:
         response.close()
-    yield SSE_DONE
+    for frame in last:
+        yield frame
 
 
 def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
@@ -1589,8 +1647,8 @@ def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
 
 
 def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
-                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Send:
-    """Send one attempt of a non-chat endpoint; JSON answers get the client's model name back."""
+                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Sender:
+    """One attempt of a non-chat endpoint; JSON answers get the client's model name back."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
         if endpoint not in adapter.endpoints:
@@ -1670,7 +1728,7 @@ class _NotServed(UpstreamError):
     """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
 
 
-async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Send, record: RequestRecord | None = None) -> Response:
+async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
     """Admit one request of `key` for `model`, then fail over across its channels."""
     return await failover(gw, key, model, admit(gw, key, model), send, record)
 
@@ -1684,7 +1742,7 @@ def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     return channels
 
 
-async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Send,
+async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
                    record: RequestRecord | None = None) -> Response:
     """Try `channels` in scheduled order, each key of a channel at most once."""
     budget = _Budget(math.inf if key.retries is None else key.retries + 1)
@@ -1696,7 +1754,7 @@ async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Chan
     raise _all_failed(model, failures)
 
 
-async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, budget: _Budget,
+async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Sender, budget: _Budget,
                        failures: list[tuple[Channel, UpstreamError]],
                        record: RequestRecord | None = None) -> Response | None:
     """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
@@ -1737,7 +1795,8 @@ async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Send, b
 
 
 async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Send, left: float = math.inf, record: RequestRecord | None = None) -> Response | UpstreamError:
+                   send: Sender, left: float = math.inf, record: RequestRecord | None = None
+                   ) -> Response | UpstreamError:
     """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
@@ -1853,18 +1912,6 @@ def check_moderation(config: Config, routes: Mapping[str, KeyRoutes]) -> None:
         raise ConfigError(f"{_source_name(config.source)}: {where}: {_NO_MODERATION_MODEL}")
 
 
-def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The text of the last user message: a string content, or its text parts joined."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return "\n".join(part["text"] for part in content if isinstance(part, dict)
-                                 and part.get("type") == "text" and isinstance(part.get("text"), str))
-            return content if isinstance(content, str) else ""
-    return ""
-
-
 def flagged_categories(answer: bytes) -> list[str]:
     """The categories an OpenAI moderation answer flags; ["unspecified"] when flagged without one."""
     try:
@@ -1875,13 +1922,13 @@ def flagged_categories(answer: bytes) -> list[str]:
     return list(dict.fromkeys(names)) or (["unspecified"] if results else [])
 
 
-async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
+async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
     """Send the last user text to the key's moderation model; raise ContentFlagged when it is flagged.
 
     It rides on the chat request's admission (no rate-limit slot of its own) and fails closed: when every
     moderation channel fails, the chat request fails too.
     """
-    text, model = last_user_text(body["messages"]), gw.routes[key.token].moderation_model
+    model = gw.routes[key.token].moderation_model
     if not text or model is None:
         return
     send = endpoint_sender(gw, "moderations", {"model": model, "input": text}, model)
@@ -1891,13 +1938,13 @@ async def moderate(gw: Gateway, key: ApiKey, body: Mapping[str, Any]) -> None:
         raise ContentFlagged(f"The request was rejected by moderation; flagged categories: {', '.join(flagged)}.")
 
 
-async def chat_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                    record: RequestRecord | None = None) -> Response:
-    """Admission, then moderation when the key has it on, then the chat attempts."""
+async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
+                    client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
+    """Admission, then moderation when the key has it on, then the attempts."""
     channels = admit(gw, key, model)
     if key.moderation:
-        await moderate(gw, key, body)
-    return await failover(gw, key, model, channels, chat_sender(gw, body, model, record), record)
+        await moderate(gw, key, face.user_text(body))
+    return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
 
 
 # --- Routes ---
@@ -1908,12 +1955,19 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-async def chat_completions(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = validate_chat(body)
-    return await until_disconnect(request, chat_flow(gw, key, model, body, _track(request, key, model)))
+def face_route(face: Face) -> Callable[[Request], Awaitable[Response]]:
+    """The route of one client API: auth, the body, the face's checks, then the flow; errors in the face's shape."""
+
+    async def handle(request: Request) -> Response:
+        request.state.face = face
+        gw = _gateway(request)
+        key = authenticate(request, gw.config)
+        body = await read_json(request, gw.config.body_limit)
+        model = checked(face.validate, body)
+        record = _track(request, key, model)
+        return await until_disconnect(request, face_flow(gw, key, model, face, body, request.headers, record))
+
+    return handle
 
 
 def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
@@ -1921,7 +1975,7 @@ def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None)
         gw = _gateway(request)
         key = authenticate(request, gw.config)
         body = await read_json(request, gw.config.body_limit)
-        model = require_model(body, default_model)
+        model = checked(adapters.require_model, body, default_model)
         record = _track(request, key, model)
         send = endpoint_sender(gw, endpoint, body, model, record=record)
         return await until_disconnect(request, dispatch(gw, key, model, send, record))
@@ -1933,7 +1987,7 @@ async def transcriptions(request: Request) -> Response:
     gw = _gateway(request)
     key = authenticate(request, gw.config)
     form = parse_multipart(await read_body(request, gw.config.body_limit), request.headers.get("content-type", ""))
-    model = require_model(dict((k, v) for k, v in form if isinstance(v, str)))
+    model = checked(adapters.require_model, dict((k, v) for k, v in form if isinstance(v, str)))
     record = _track(request, key, model)
     send = endpoint_sender(gw, "transcriptions", None, model, form, record)
     return await until_disconnect(request, dispatch(gw, key, model, send, record))
@@ -2074,203 +2128,77 @@ async def status_page(request: Request) -> Response:
     return HTMLResponse(render_status(gw, time.time()), headers=_STATUS_HEADERS)
 
 
-# --- Anthropic inbound ---
-# POST /v1/messages and /v1/messages/count_tokens for clients of Anthropic's Messages API (Claude Code, the
-# anthropic SDKs), with the keys, rules, scheduling and limits of /v1/chat/completions. The `anthropic-version`
-# header is accepted and not needed. A channel whose engine speaks the Messages API gets the body as sent
-# (adapters.MESSAGES_PASSTHROUGH); any other gets it converted to OpenAI's through chat_sender, and the answer is
-# converted back (adapters, "Anthropic Messages inbound"). Errors take Anthropic's shape in render_error.
-# Anthropic API reference: "Messages", "Streaming Messages" (SSE: `event: <type>` + `data: <json>`), "Errors",
-# "Count tokens in a Message".
+# --- Passthrough: an engine that speaks the client's API natively ---
+# The body goes as sent (the model renamed), the answer comes back as it came, through the face's NativeStream;
+# a stream commits after the upstream's first event (an error event there fails the attempt).
 
 
-def _blocks_ok(content: Any) -> bool:
-    return isinstance(content, str) or (isinstance(content, list) and all(isinstance(b, dict) for b in content))
-
-
-def validate_messages(body: Mapping[str, Any]) -> str:
-    """The shape checks of a Messages API request that the conversions rely on; returns the model."""
-    model = validate_chat(body)
-    for i, message in enumerate(body["messages"]):
-        if message["role"] not in ("user", "assistant") or not _blocks_ok(message.get("content")):
-            raise InvalidRequest(f"'messages[{i}]' needs role 'user' or 'assistant' and content that is a string "
-                                 "or an array of content blocks.")
-    if body.get("system") is not None and not _blocks_ok(body["system"]):
-        raise InvalidRequest("'system' must be a string or an array of text blocks.")
-    for name in ("tools", "stop_sequences"):
-        if not isinstance(body.get(name) or [], list):
-            raise InvalidRequest(f"'{name}' must be an array.")
-    for name in ("tool_choice", "thinking", "output_config"):
-        if not isinstance(body.get(name) or {}, dict):
-            raise InvalidRequest(f"'{name}' must be an object.")
-    return model
-
-
-def _messages_frame(name: str, data: bytes) -> bytes:
-    """One Messages stream event; a data value spanning lines keeps one `data:` field per line."""
-    return b"event: " + name.encode() + b"\ndata: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"
-
-
-def _event_frame(event: Mapping[str, Any]) -> bytes:
-    return _messages_frame(str(event["type"]), adapters.dumps(event))
-
-
-def _stream_failed(message: str) -> bytes:
-    """The last event of a stream that failed after its commit ("Errors": error events may arrive mid-stream)."""
-    return _event_frame(adapters.messages_error_body(message, 502))
-
-
-def passthrough_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
-                       record: RequestRecord | None = None) -> Send:
-    """One attempt on a Messages-speaking channel: the body as sent and the answer as received, but for the model
-    name; a stream commits after the first upstream event (an error event there fails the attempt). The usage
-    the answer reports goes on `record`."""
+async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
+                         client_headers: Mapping[str, str], record: RequestRecord | None, channel: Channel,
+                         target: Target, timeout: float) -> Response:
     triggers = gw.config.error_triggers
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
-        request = native.build_request(body, target)
-        forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
+    request = native.build_request(body, target)
+    forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
+    if forwarded:
         request = replace(request, headers={**request.headers, **forwarded})
-        response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
-        try:
-            await _check_status(response, native, timeout)
-            if not body.get("stream"):
-                raw = await _read(response, timeout)
-                _check_triggers(raw.decode("utf-8", "replace"), triggers)
-                _note_usage(record, {}, "message", raw)
-                return _json_response(adapters.rename_model(raw, model))
-            events = native.iter_events(response.content.iter_any())
-            with _transport_errors(timeout):
-                first = await events.__anext__()
-            name = adapters.first_messages_event(first)
-            frame = _native_frame(first, model, name)
-            _check_triggers(frame.decode("utf-8", "replace"), triggers)
-            usage: dict[str, Any] = {}
-            _note_usage(record, usage, name, first.data)
-        except StopAsyncIteration:
-            response.close()
-            raise UpstreamError(502, "upstream stream ended before its first event") from None
-        except BaseException:
-            response.close()
-            raise
-        return StreamingResponse(_relay_native(frame, events, response, timeout, model, record, usage),
-                                 media_type="text/event-stream", headers=_STREAM_HEADERS)
-
-    return send
-
-
-# "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
-# cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
-_USAGE_PATHS: Final = MappingProxyType({"message": ("usage",), "message_start": ("message", "usage"),
-                                        "message_delta": ("usage",)})
-
-
-def _note_usage(record: RequestRecord | None, usage: dict[str, Any], name: str, data: bytes | str) -> None:
-    """Merge the usage an Anthropic answer or stream event `name` reports into `usage`, and note it on `record`."""
-    path = _USAGE_PATHS.get(name)
-    if record is None or path is None:
-        return
+    response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
     try:
-        found: Any = adapters.loads(data)
-        for step in path:
-            found = found.get(step)
-    except (ValueError, AttributeError, RecursionError):  # not JSON, or not the documented shape: nothing to count
-        return
-    if isinstance(found, Mapping):
-        usage.update((k, v) for k, v in found.items() if v is not None)
-        record.add_usage(adapters.claude_usage(usage))
+        await _check_status(response, native, timeout)
+        if not face.is_stream(body):
+            raw = await _read(response, timeout)
+            _check_triggers(raw.decode("utf-8", "replace"), triggers)
+            answer, usage = face.native_answer(raw, model)
+            if record is not None:
+                record.add_usage(usage)
+            return _json_response(answer)
+        stream = face.native_stream(body, model)
+        events = native.iter_events(response.content.iter_any())
+        with _transport_errors(timeout):
+            first = stream.on_event(await anext_or_fail(events))
+        _check_triggers(first.decode("utf-8", "replace"), triggers)
+    except BaseException:
+        response.close()
+        raise
+    frames = _relay_native(stream, first, events, response, timeout, record, gw.config.secrets)
+    return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
 
 
-def _native_frame(event: adapters.SSEEvent, model: str, name: str) -> bytes:
-    data = event.data.encode()
-    return _messages_frame(name, adapters.rename_model(data, model) if name == "message_start" else data)
+async def anext_or_fail(events: AsyncIterator[T]) -> T:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise UpstreamError(502, "upstream stream ended before its first event") from None
 
 
-async def _relay_native(first: bytes, events: AsyncIterator[adapters.SSEEvent], response: aiohttp.ClientResponse,
-                        timeout: float, model: str, record: RequestRecord | None, usage: dict[str, Any]
-                        ) -> AsyncIterator[bytes]:
-    """The committed passthrough stream; a cut before message_stop ends it with an error event."""
+async def _relay_native(stream: adapters.NativeStream, first: bytes, events: AsyncIterator[adapters.SSEEvent],
+                        response: aiohttp.ClientResponse, timeout: float, record: RequestRecord | None,
+                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
+    """The committed passthrough stream; a cut before the format's last event ends it with the face's error."""
+    last: list[bytes] = []
     try:
         yield first
-        name = ""
         with _transport_errors(timeout):
             async for event in events:
-                name = adapters.messages_event_name(event)
-                _note_usage(record, usage, name, event.data)
-                yield _native_frame(event, model, name)
-        if name not in ("message_stop", "error"):
-            raise UpstreamError(502, "upstream stream ended before message_stop")
+                yield stream.on_event(event)
+        if not stream.done:
+            raise UpstreamError(502, "upstream stream ended before its last event")
+        last = stream.end()
     except UpstreamError as exc:
-        logger.warning("stream failed after its first event: %s", exc)
-        yield _stream_failed(f"upstream failed mid-stream: {exc}")
+        last = stream.fail(_stream_failure(exc, secrets), 502)
     finally:
         response.close()
+        if record is not None:
+            record.add_usage(stream.usage)
+    for frame in last:
+        yield frame
 
 
-def messages_sender(gw: Gateway, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
-                    record: RequestRecord | None = None) -> Send:
-    """One attempt: passthrough on a Messages-speaking channel, else the OpenAI conversion through chat_sender."""
-    passthrough = passthrough_sender(gw, body, model, client_headers, record)
-    stop_sequences = tuple(body.get("stop_sequences") or ())
-    converted: list[Send] = []
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if channel.engine in adapters.MESSAGES_PASSTHROUGH:
-            return await passthrough(channel, adapter, target, timeout)
-        if not converted:  # once per request; UpstreamError(400, retryable) when only a Claude channel could serve it
-            relay = functools.partial(_relay_messages, model, stop_sequences)
-            converted.append(chat_sender(gw, adapters.from_messages_request(body), model, record, relay))
-        response = await converted[0](channel, adapter, target, timeout)
-        if not isinstance(response, StreamingResponse):
-            completion = adapters.loads(response.body)
-            return _json_response(adapters.dumps(adapters.to_messages_response(completion, model, stop_sequences)))
-        return response
-
-    return send
+# --- Anthropic count_tokens ---
+# "Count tokens in a Message" for clients of the Messages API: a channel that counts (the Anthropic API) answers,
+# any other gets the gateway's estimate.
 
 
-async def _relay_messages(model: str, stop_sequences: tuple[str, ...], first: dict[str, Any],
-                          chunks: AsyncIterator[dict[str, Any]], response: aiohttp.ClientResponse, timeout: float,
-                          created: int, secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """chat_sender's committed stream as Messages events, converted from its chunks (a Relay); a failure ends it
-    with an error event."""
-    async def every_chunk() -> AsyncIterator[dict[str, Any]]:
-        yield first
-        with _transport_errors(timeout):
-            async for chunk in chunks:
-                yield chunk
-
-    events = adapters.iter_messages_events(every_chunk(), model, stop_sequences)
-    try:
-        async for event in events:
-            yield _event_frame(event)
-    except UpstreamError as exc:
-        yield _stream_failed(_stream_failure(exc, secrets))
-    finally:
-        await events.aclose()
-        response.close()
-
-
-async def messages_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                        client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
-    """chat_flow for Messages requests: admission, moderation when the key has it on, then the attempts."""
-    channels = admit(gw, key, model)
-    if key.moderation:
-        await moderate(gw, key, body)  # last_user_text reads Messages turns as well
-    return await failover(gw, key, model, channels, messages_sender(gw, body, model, client_headers, record), record)
-
-
-async def messages(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = validate_messages(body)
-    return await until_disconnect(request, messages_flow(gw, key, model, body, request.headers,
-                                                         _track(request, key, model)))
-
-
-def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
+def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
     """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -2294,7 +2222,8 @@ async def count_tokens(request: Request) -> Response:
     gw = _gateway(request)
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
-    model = validate_messages(body)
+    request.state.face = adapters.FACES["messages"]
+    model = checked(adapters.FACES["messages"].validate, body)
     record = _track(request, key, model)
     channels = channels_for(gw, key, model)
     if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
@@ -2343,140 +2272,13 @@ async def v1_model(request: Request) -> Response:
     return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
 
 
-_GEMINI_FACE: Final = adapters.GeminiFace()
+_GEMINI_FACE: Final = adapters.FACES["gemini"]
 # The colon verbs of models.* that take a body ("models.generateContent", "models.streamGenerateContent",
 # "models.countTokens").
 _GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 
 
-def gemini_native_sender(gw: Gateway, body: Mapping[str, Any], model: str,
-                         record: RequestRecord | None = None) -> Send:
-    """One attempt on a Gemini-speaking channel: the body as sent and the answer as it came, but for modelVersion;
-    a stream commits after the first upstream event (an error event there fails the attempt)."""
-    triggers = gw.config.error_triggers
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        native = _GEMINI_FACE.native[channel.engine]
-        response = await _open(gw, gw.config.policies[channel.provider], native.build_request(body, target), timeout)
-        try:
-            await _check_status(response, native, timeout)
-            if not body.get("stream"):
-                raw = await _read(response, timeout)
-                _check_triggers(raw.decode("utf-8", "replace"), triggers)
-                answer, usage = _GEMINI_FACE.native_answer(raw, model)
-                if record is not None:
-                    record.add_usage(usage)
-                return _json_response(answer)
-            stream = _GEMINI_FACE.native_stream(body, model)
-            events = native.iter_events(response.content.iter_any())
-            with _transport_errors(timeout):
-                first = stream.on_event(await events.__anext__())
-            _check_triggers(first.decode("utf-8", "replace"), triggers)
-        except StopAsyncIteration:
-            response.close()
-            raise UpstreamError(502, "upstream stream ended before its first event") from None
-        except BaseException:
-            response.close()
-            raise
-        relay = _relay_gemini_native(first, events, stream, response, timeout, record)
-        return StreamingResponse(relay, media_type=stream.media_type, headers=_STREAM_HEADERS)
-
-    return send
-
-
-async def _relay_gemini_native(first: bytes, events: AsyncIterator[adapters.SSEEvent],
-                               stream: adapters.GeminiNativeStream, response: aiohttp.ClientResponse, timeout: float,
-                               record: RequestRecord | None) -> AsyncIterator[bytes]:
-    """The committed passthrough stream; a cut before a finishReason ends it with Google's error object."""
-    try:
-        yield first
-        with _transport_errors(timeout):
-            async for event in events:
-                yield stream.on_event(event)
-        if not stream.done:
-            raise UpstreamError(502, "upstream stream ended before its finishReason")
-        for frame in stream.end():
-            yield frame
-    except UpstreamError as exc:
-        logger.warning("stream failed after its first event: %s", exc)
-        for frame in stream.fail(f"upstream failed mid-stream: {exc}", 502):
-            yield frame
-    finally:
-        if record is not None:
-            record.add_usage(stream.usage)
-        response.close()
-
-
-def gemini_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None) -> Send:
-    """One attempt: passthrough on a Gemini-speaking channel, else the OpenAI conversion through chat_sender."""
-    passthrough = gemini_native_sender(gw, body, model, record)
-    converted: list[Send] = []
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if channel.engine in _GEMINI_FACE.native:
-            return await passthrough(channel, adapter, target, timeout)
-        if not converted:
-            try:
-                chat = _GEMINI_FACE.to_chat(body)
-            except adapters.RequestError as exc:  # a Gemini channel later in the plan may take it
-                raise UpstreamError(400, exc.message, retryable=True) from None
-            relay = functools.partial(_relay_gemini, _GEMINI_FACE.stream(body, model))
-            converted.append(chat_sender(gw, chat, model, record, relay))
-        response = await converted[0](channel, adapter, target, timeout)
-        if isinstance(response, StreamingResponse):
-            media_type = _GEMINI_FACE.stream(body, model).media_type
-            return StreamingResponse(response.body_iterator, media_type=media_type, headers=_STREAM_HEADERS)
-        answer = _GEMINI_FACE.from_chat(adapters.loads(response.body), body, model)
-        return _json_response(adapters.dumps(answer))
-
-    return send
-
-
-async def _relay_gemini(stream: adapters.GeminiStream, first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]],
-                        response: aiohttp.ClientResponse, timeout: float, created: int,
-                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """chat_sender's committed stream as streamGenerateContent frames (a Relay); a failure ends it with Google's
-    error object."""
-    try:
-        for frame in stream.on_chunk(first):
-            yield frame
-        with _transport_errors(timeout):
-            async for chunk in chunks:
-                for frame in stream.on_chunk(chunk):
-                    yield frame
-        frames = stream.end()
-    except UpstreamError as exc:
-        frames = stream.fail(_stream_failure(exc, secrets), 502)
-    finally:
-        response.close()
-    for frame in frames:
-        yield frame
-
-
-def _gemini_moderation_body(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The last user turn's text as an OpenAI message, for moderate()."""
-    users = [c for c in body.get("contents") or () if isinstance(c, Mapping) and c.get("role") in (None, "", "user")]
-    parts = users[-1].get("parts") or () if users else ()
-    text = "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
-    return {"messages": [{"role": "user", "content": text}]}
-
-
-async def gemini_flow(gw: Gateway, key: ApiKey, model: str, body: Mapping[str, Any],
-                      record: RequestRecord | None = None) -> Response:
-    """chat_flow for Gemini requests. With no Gemini channel for the model, a request no other engine can take is
-    refused at once with a 400 naming what it needs."""
-    channels = admit(gw, key, model)
-    if not any(channel.engine in _GEMINI_FACE.native for channel in channels):
-        try:
-            _GEMINI_FACE.to_chat(body)
-        except adapters.RequestError as exc:
-            raise InvalidRequest(exc.message) from None
-    if key.moderation:
-        await moderate(gw, key, _gemini_moderation_body(body))
-    return await failover(gw, key, model, channels, gemini_sender(gw, body, model, record), record)
-
-
-def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
+def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
     """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
@@ -2495,7 +2297,10 @@ def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Send:
 
 
 async def gemini_generate(request: Request) -> Response:
-    """POST .../models/{model}:{verb}: the route and query become the body's model, stream and alt keys."""
+    """POST .../models/{model}:{verb}: the path and query become the body's model, stream and alt keys, then the
+    face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
+    naming it."""
+    request.state.face = _GEMINI_FACE
     model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
     if verb not in _GEMINI_VERBS or not model:
         raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
@@ -2504,16 +2309,15 @@ async def gemini_generate(request: Request) -> Response:
     body = {**await read_json(request, gw.config.body_limit), "model": model,
             "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
     record = _track(request, key, model)
+    native = any(channel.engine in _GEMINI_FACE.native for channel in channels_for(gw, key, model))
     if verb == "countTokens":
-        channels = channels_for(gw, key, model)
-        if not any(channel.engine in _GEMINI_FACE.native for channel in channels):
+        if not native:
             return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
         return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
-    try:
-        _GEMINI_FACE.validate(body)
-    except adapters.RequestError as exc:
-        raise InvalidRequest(exc.message) from None
-    return await until_disconnect(request, gemini_flow(gw, key, model, body, record))
+    checked(_GEMINI_FACE.validate, body)
+    if not native:
+        checked(adapters.from_gemini_request, body)
+    return await until_disconnect(request, face_flow(gw, key, model, _GEMINI_FACE, body, request.headers, record))
 
 
 # --- Stats routes and the request log ---
@@ -2714,41 +2518,42 @@ def _secrets_pattern(providers: Iterable[Provider], keys: Iterable[ApiKey]) -> r
 # --- Errors rendered in one place ---
 
 
-# Routes whose clients expect another API's error shape, by request path; all others get OpenAI's envelope.
-_ERROR_SHAPES: Final[Mapping[str, Callable[[str, int], dict[str, Any]]]] = MappingProxyType({
-    "/v1/messages": adapters.messages_error_body,
-    "/v1/messages/count_tokens": adapters.messages_error_body,
-})
+# Routes whose clients expect another API's error shape even before their handler ran (unknown method, ...).
+_FACE_BY_PATH: Final[Mapping[str, Face]] = MappingProxyType(
+    {"/v1/messages": adapters.FACES["messages"], "/v1/messages/count_tokens": adapters.FACES["messages"]})
 
 
-def _error_shape(request: Request) -> Callable[[str, int], dict[str, Any]] | None:
-    """The error shape the route's clients expect: by exact path, else Gemini's on Gemini's routes (anything under
-    /v1beta, a colon verb after the model under /v1, and /v1/models for a Gemini client)."""
+def _is_gemini_route(request: Request) -> bool:
+    """Gemini's routes, whose paths carry the model: anything under /v1beta, a colon verb after the model under /v1,
+    and /v1/models for a Gemini client (its key in x-goog-api-key or ?key=)."""
     path = request.url.path
-    if path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or google_key(request))):
-        return adapters.gemini_error_body
-    return _ERROR_SHAPES.get(path)
+    return path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or bool(google_key(request))))
 
 
-def _envelope(message: str, type_: str, code: str | None, status: int, headers: Mapping[str, str] | None = None,
-              *, shape: Callable[[str, int], dict[str, Any]] | None = None) -> JSONResponse:
-    body = shape(message, status) if shape else adapters.error_body(message, type_, code)
+def _envelope(request: Request, message: str, type_: str, code: str | None, status: int,
+              headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    """The error in the shape of the request's face (OpenAI's envelope where none was chosen yet)."""
+    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES[
+        "gemini" if _is_gemini_route(request) else "chat"]
+    body = face.error_body(message, status, type_, code)
+    if param is not None and isinstance(body.get("error"), dict) and "param" in body["error"]:
+        body["error"]["param"] = param
     return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def render_error(request: Request, exc: Exception) -> Response:
-    path, shape = request.url.path, _error_shape(request)
+    path = request.url.path
     if isinstance(exc, GatewayError):
-        return _envelope(exc.message, exc.type, exc.code, exc.status, exc.headers, shape=shape)
+        return _envelope(request, exc.message, exc.type, exc.code, exc.status, exc.headers, exc.param)
     if isinstance(exc, HTTPException):
         type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
-        return _envelope(str(exc.detail), type_, None, exc.status_code, exc.headers, shape=shape)
+        return _envelope(request, str(exc.detail), type_, None, exc.status_code, exc.headers)
     if isinstance(exc, ClientDisconnected):
         return Response(status_code=499)
     logger.exception("unexpected error on %s", path)
     record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
     headers = {"x-request-id": record.request_id} if record is not None else None
-    return _envelope("Internal error in the gateway.", "server_error", None, 500, headers, shape=shape)
+    return _envelope(request, "Internal error in the gateway.", "server_error", None, 500, headers)
 
 
 # --- App ---
@@ -2937,8 +2742,8 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
         Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
         Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
+        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
         Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
@@ -3068,22 +2873,55 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def client_address(host: str, port: int) -> str:
+    """The base URL a client on this machine uses: a wildcard bind is reached through loopback."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/v1"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def startup_line(gw: Gateway, address: str, stats: StatsOptions) -> str:
+    """The one line a start prints once it listens: what runs, where to point clients, what was loaded."""
+    config = gw.config
+    return (f"uni-api {VERSION} serving {address} ({_plural(len(config.providers), 'provider')}, "
+            f"{_plural(len(gw.known_models), 'model')}, {_plural(len(config.api_keys), 'client key')}; "
+            f"stats: {stats.path or 'disabled'}; speedups: {', '.join(speedups()) or 'none'})")
+
+
+def warn_placeholders(config: Config) -> None:
+    for where in config.placeholders:
+        logger.warning("%s is still the example's placeholder (%s): put your own value there", where, PLACEHOLDER)
+
+
 def run(config: Config, host: str, port: int, source: str | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
     """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
 
     SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
-    then cancel what is left and return 0.
+    then cancel what is left and return 0. Once listening it logs `startup_line`.
     """
     import uvicorn
 
-    app = create_app(config, source=source, stats_options=StatsOptions.from_env())
+    stats = StatsOptions.from_env()
+    app = create_app(config, source=source, stats_options=stats)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # bound and listening: say so, and where
+                logger.info("%s", startup_line(app.state.gateway, client_address(host, port), stats))
+
     protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
-    with _signals_exit_zero():
-        uvicorn.run(app, host=host, port=port, log_level="info" if _debug() else "warning",
-                    access_log=_debug(), lifespan="on", server_header=False, http=protocol,
-                    timeout_graceful_shutdown=grace_period)  # type: ignore[arg-type]  # uvicorn waits a float fine
-    return 0
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info" if _debug() else "warning",
+                                   access_log=_debug(), lifespan="on", server_header=False, http=protocol,
+                                   timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # a float
+    warn_placeholders(config)
+    with _signals_exit_zero(), contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE  # as uvicorn.run exits when the start failed
 
 
 def _debug() -> bool:
@@ -3110,6 +2948,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if args.check_config else STARTUP_FAILURE
     if args.check_config:
         print(f"{source}: OK\n{summarize(config)}")
+        for where in config.placeholders:
+            print(f"warning: {where} is still the example's placeholder ({PLACEHOLDER})", file=sys.stderr)
         return 0
     return run(config, args.host, args.port, source, args.grace_period)
 

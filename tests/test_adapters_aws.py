@@ -248,13 +248,6 @@ def test_bedrock_honours_base_url_and_signs_for_its_region(base_url: str, region
     assert f"/20150830/{signed_region}/bedrock/aws4_request" in request.headers["Authorization"]
 
 
-def test_bedrock_without_credentials_fails_over() -> None:
-    target = Target(Provider("bedrock", "aws", BEDROCK.default_base_url), MODEL_ID, now=NOW)
-    with pytest.raises(UpstreamError) as caught:
-        BEDROCK.build_request({"messages": [USER]}, target)
-    assert caught.value.status == 401 and caught.value.retryable
-
-
 @pytest.mark.parametrize(("body", "status", "message"), [
     (b'{"message":"Malformed input request: #: required key [max_tokens] not found"}', 400,
      "Malformed input request: #: required key [max_tokens] not found"),

@@ -344,10 +344,11 @@ def test_claude_error_bodies_give_their_message(fixture: str, status: int, messa
 
 
 @pytest.mark.anyio
-async def test_claude_created_can_come_from_the_caller() -> None:
-    assert CLAUDE.parse_response(load("basic.upstream.json"), "m", created=1700000000)["created"] == 1700000000
-    events = CLAUDE.parse_stream(adapters.iter_sse(_pieces(sse_bytes(PARALLEL_STREAM))), "m", created=1700000000)
-    assert {chunk["created"] async for chunk in events} == {1700000000}
+async def test_claude_answers_leave_created_zero_for_the_gateway_to_stamp() -> None:
+    """The Messages API carries no timestamp and adapters never read the clock: uni_api._stamp fills it."""
+    assert CLAUDE.parse_response(load("basic.upstream.json"), "m")["created"] == 0
+    events = CLAUDE.parse_stream(adapters.iter_sse(_pieces(sse_bytes(PARALLEL_STREAM))), "m", include_usage=True)
+    assert {chunk["created"] async for chunk in events} == {0}
 
 
 def test_claude_models_list_gives_ids() -> None:

@@ -95,12 +95,6 @@ def test_cloudflare_rejects_content_it_cannot_carry() -> None:
     assert caught.value.status == 400 and not caught.value.retryable
 
 
-def test_cloudflare_without_account_id_fails_the_attempt() -> None:
-    provider = adapters.Provider("cf", "cloudflare", "https://api.cloudflare.com")
-    with pytest.raises(adapters.UpstreamError, match="cf_account_id"):
-        CLOUDFLARE.build_request({"messages": []}, adapters.Target(provider, MODEL, "k"))
-
-
 def test_cloudflare_models_request_searches_text_generation() -> None:
     request = CLOUDFLARE.build_models_request(adapters.Target(PROVIDER, "", "cf-secret"))
     assert request.method == "GET"

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -127,7 +128,14 @@ def test_check_config_accepts_the_example_and_names_its_providers() -> None:
     for name in re.findall(r"^  - provider: (\S+)", EXAMPLE.read_text(), re.M):
         assert f"provider {name} " in result.stdout
     assert "sk-user-replace-me" not in result.stdout  # keys are shown by a short label only
-    assert result.stderr == ""
+    lines = EXAMPLE.read_text().splitlines()
+    placeholder = re.compile(r"[:-] \$\{\w+:-[\w-]*replace-me[\w-]*\}(/\*)?\s*(#|$)")  # a value, or a rule naming one
+    left = [i + 1 for i, line in enumerate(lines) if placeholder.search(line)]
+    warnings = result.stderr.splitlines()
+    assert len(left) > 10 and [int(w.split(":")[2]) for w in warnings] == left
+    assert all(re.fullmatch(r"warning: api\.yaml\.example:\d+: \S+ is still the example's placeholder \(replace-me\)",
+                            w) for w in warnings), warnings
+    assert "warning: api.yaml.example:16: providers[0].api is" in result.stderr
 
 
 def test_check_config_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
@@ -260,28 +268,136 @@ def test_a_config_served_over_http_is_checked_like_a_file(upstream: FakeUpstream
     assert stderr_line(result) == f"error: {url}:3: providers[0].base_url: expected a URL"
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc/<pid>/cmdline")
-def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_arguments(tmp_path: Path) -> None:
-    """CPython holds a script's syntax tree until the script returns: the server must not run inside it."""
-    (tmp_path / "cfg.yaml").write_text(CONFIG)
-    port = free_port()
-    args = ["--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPT), *args], cwd=tmp_path,
-                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# --- The start-up line ---
+
+
+def test_the_client_address_shows_loopback_for_a_wildcard_bind() -> None:
+    assert uni_api.client_address("0.0.0.0", 8000) == "http://127.0.0.1:8000/v1"
+    assert uni_api.client_address("::", 8000) == "http://[::1]:8000/v1"
+    assert uni_api.client_address("127.0.0.1", 9) == "http://127.0.0.1:9/v1"
+    assert uni_api.client_address("gw.example", 80) == "http://gw.example:80/v1"
+
+
+def read_stderr_until(process: subprocess.Popen[str], pattern: str, timeout: float = READY_TIMEOUT) -> list[str]:
+    """Lines of the process's stderr up to and including the first matching `pattern`."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip("\n"))
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        pytest.fail(f"no line matching {pattern!r} within {timeout} s:\n" + "\n".join(lines))
+    return lines
+
+
+def test_a_start_says_in_one_line_what_serves_where_and_warns_of_placeholder_keys(tmp_path: Path) -> None:
+    config = CONFIG.replace("api: sk-upstream-secret", "api: ${UNI_API_TEST_UP_KEY:-sk-replace-me}")
+    (tmp_path / "cfg.yaml").write_text(config)
+    port, db = free_port(), tmp_path / "stats.db"
+    env = {**cli_env(DB_PATH=str(db))}
+    env.pop("DISABLE_DATABASE")
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"), "--host",
+                                "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
+        lines = read_stderr_until(process, r" serving ")
+        started = [line for line in lines if " serving " in line]
+        address = f"http://127.0.0.1:{port}/v1"
+        speedups = ", ".join(uni_api.speedups()) or "none"
+        assert len(started) == 1 and started[0].endswith(
+            f"INFO uni_api: uni-api {uni_api.VERSION} serving {address} (1 provider, 2 models, 1 client key; "
+            f"stats: {db}; speedups: {speedups})"), lines
+        warnings = [line for line in lines if "WARNING" in line]
+        assert len(warnings) == 1 and warnings[0].endswith(
+            "WARNING uni_api: cfg.yaml:4: providers[0].api is still the example's placeholder (replace-me): "
+            "put your own value there"), lines
+        response = httpx.get(f"{address}/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 200  # the address printed is the one to use
+    finally:
+        process.terminate()
+        assert process.wait(5) == 0
+
+
+def test_check_config_names_a_missing_credential_with_file_line_and_key(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text("providers:\n  - provider: cf\n    engine: cloudflare\n    api: t\n"
+                                       "    model: [m]\napi_keys:\n  - api: sk-a\n")
+    result = run_cli("--check-config", "--config", str(tmp_path / "cfg.yaml"))
+    assert result.returncode == 1
+    assert stderr_line(result) == ("error: cfg.yaml:2: providers[0].cf_account_id: missing required key "
+                                   "'cf_account_id' (engine cloudflare needs it)")
+
+
+@contextmanager
+def started_argv(command: list[str], port: int, cwd: Path, env: dict[str, str]) -> Iterator[list[str]]:
+    """Start `command` (a gateway on `port`), wait until it listens, yield its /proc cmdline, terminate it."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT * 3  # a trace hook slows the start
         while not listening(port):
             assert process.poll() is None and time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.05)
-        argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-        assert argv[:4] == [sys.executable, "-X", "faulthandler", "-c"]
-        assert "import uni_api" in argv[4]
-        assert argv[5:] == [str(SCRIPT), *args]
+        yield Path(f"/proc/{process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}
                          ).status_code == 200
     finally:
         process.terminate()
         assert process.wait(5) == 0
+
+
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc/<pid>/cmdline")
+
+
+@NEEDS_PROC
+def test_run_as_a_script_it_re_executes_as_an_import_keeping_pid_flags_and_arguments(tmp_path: Path) -> None:
+    """CPython holds a script's syntax tree until the script returns: the server must not run inside it."""
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    args = ["--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-X", "faulthandler", str(SCRIPT), *args]
+    with started_argv(command, port, tmp_path, cli_env()) as argv:
+        assert argv[:4] == [sys.executable, "-X", "faulthandler", "-c"]
+        assert "import uni_api" in argv[4]
+        assert argv[5:] == [str(SCRIPT), *args]
+
+
+@NEEDS_PROC
+def test_uni_api_no_reexec_keeps_the_script_process_as_started(tmp_path: Path) -> None:
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    command = [sys.executable, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"), "--host", "127.0.0.1",
+               "--port", str(port)]
+    with started_argv(command, port, tmp_path, cli_env(UNI_API_NO_REEXEC="1")) as argv:
+        assert argv == command
+
+
+# A driver runs the script as `python uni_api.py` would (runpy.run_path gives __name__ "__main__" and no
+# __spec__), after installing what a debugger, coverage or a profiler installs.
+_DRIVER = ("import os, runpy, sys; {setup}; sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@NEEDS_PROC
+@pytest.mark.parametrize("setup", [
+    "sys.settrace(lambda *event: None)",  # a debugger or coverage's tracer
+    "sys.setprofile(lambda *event: None)",  # a profiler
+    "import cProfile",  # a profiler's module, hook not yet set
+    "import pdb",  # a debugger's module
+])
+def test_under_a_debugger_coverage_or_profiler_it_does_not_re_execute(tmp_path: Path, setup: str) -> None:
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    port = free_port()
+    driver = _DRIVER.format(setup=setup)
+    command = [sys.executable, "-c", driver, str(SCRIPT), "--config", str(tmp_path / "cfg.yaml"),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with started_argv(command, port, tmp_path, cli_env()) as argv:
+        assert argv == command  # re-executed, it would read [python, -c, "...import uni_api...", ...]
 
 
 def test_a_symlink_to_the_script_runs_the_uni_api_it_points_to(tmp_path: Path) -> None:

@@ -508,7 +508,8 @@ def test_a_provider_without_model_list_and_without_keys_is_allowed() -> None:
 def test_base_url_is_kept_exactly_as_written() -> None:
     for url in ("http://127.0.0.1:9/v1/chat/completions", "https://aiplatform.googleapis.com",
                 "https://api.cloudflare.com/", "https://NAME.openai.azure.com"):
-        text = f"providers:\n  - provider: p\n    base_url: {url}\n" + KEY
+        credentials = "".join(f"    {name}: v\n" for name in uni_api.ADAPTERS[adapters.infer_engine(url)].requires)
+        text = f"providers:\n  - provider: p\n    base_url: {url}\n{credentials}" + KEY
         assert parse(text).providers["p"].base_url == url
 
 
@@ -533,6 +534,60 @@ def test_provider_specific_fields_are_kept_as_strings() -> None:
         "client_email": "sa@my-project.iam.gserviceaccount.com", "region": "us-east5",
         "token_uri": "http://127.0.0.1:9/token", "cf_account_id": "12345", "api_version": "2024-10-21",
     }
+
+
+# Adapter.requires: each engine names the provider fields it cannot work without, and parse_config (so
+# --check-config and a start too) refuses a provider lacking one, where it is written, before any request.
+_ENGINE_ONLY = ("providers:\n  - provider: p\n    engine: {engine}\n    base_url: https://x.test\n{fields}"
+                "    model: [m]\n" + KEY)
+CREDENTIAL_CASES = [
+    ("cloudflare without cf_account_id", "cloudflare", "",
+     "api.yaml:2: providers[0].cf_account_id: missing required key 'cf_account_id' (engine cloudflare needs it)"),
+    ("cloudflare with an empty cf_account_id", "cloudflare", "    cf_account_id: ${UNI_API_TEST_UNSET:-}\n",
+     "api.yaml:5: providers[0].cf_account_id: missing required key 'cf_account_id' (engine cloudflare needs it)"),
+    ("aws without keys", "aws", "",
+     "api.yaml:2: providers[0].aws_access_key: missing required key 'aws_access_key' (engine aws needs it)"),
+    ("aws without its secret key", "aws", "    aws_access_key: AKIDEXAMPLE\n",
+     "api.yaml:2: providers[0].aws_secret_key: missing required key 'aws_secret_key' (engine aws needs it)"),
+    ("vertex-claude without private_key", "vertex-claude", "    project_id: p\n    client_email: a@p.test\n",
+     "api.yaml:2: providers[0].private_key: missing required key 'private_key' (engine vertex-claude needs it)"),
+    ("vertex-gemini without project_id", "vertex-gemini", "    client_email: a@p.test\n    private_key: k\n",
+     "api.yaml:2: providers[0].project_id: missing required key 'project_id' (engine vertex-gemini needs it)"),
+]
+
+
+@pytest.mark.parametrize(("engine", "fields", "expected"), [c[1:] for c in CREDENTIAL_CASES],
+                         ids=[c[0] for c in CREDENTIAL_CASES])
+def test_a_provider_without_the_credentials_its_engine_needs_fails_at_load(engine: str, fields: str,
+                                                                           expected: str) -> None:
+    assert error_of(_ENGINE_ONLY.format(engine=engine, fields=fields)) == expected
+
+
+def test_an_engine_inferred_from_base_url_needs_its_credentials_too() -> None:
+    text = "providers:\n  - provider: cf\n    base_url: https://api.cloudflare.com\n    model: [m]\n" + KEY
+    assert error_of(text).startswith("api.yaml:2: providers[0].cf_account_id: missing required key")
+
+
+@pytest.mark.parametrize("engine", sorted(adapters.ADAPTERS))
+def test_every_engine_loads_with_the_fields_it_declares(engine: str) -> None:
+    fields = "".join(f"    {name}: v\n" for name in adapters.ADAPTERS[engine].requires)
+    assert parse(_ENGINE_ONLY.format(engine=engine, fields=fields)).providers["p"].engine == engine
+
+
+def test_cloudflare_aws_and_vertex_declare_their_credentials() -> None:
+    declared = {engine: adapter.requires for engine, adapter in adapters.ADAPTERS.items() if adapter.requires}
+    assert declared == {"cloudflare": ("cf_account_id",), "aws": ("aws_access_key", "aws_secret_key"),
+                        "vertex-claude": ("project_id", "client_email", "private_key"),
+                        "vertex-gemini": ("project_id", "client_email", "private_key")}
+
+
+def test_values_left_as_the_examples_placeholders_are_listed_with_line_and_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNI_API_TEST_UNSET", raising=False)
+    config = parse(PROVIDER + "    api:\n      - sk-real\n      - ${UNI_API_TEST_UNSET:-gsk-replace-me-2}\n"
+                   "api_keys:\n  - api: sk-replace-me\n")
+    assert config.placeholders == ("api.yaml:7: providers[0].api[1]", "api.yaml:9: api_keys[0].api")
+    assert parse(PROVIDER + KEY).placeholders == ()
 
 
 # --- api_keys rules ---

@@ -294,6 +294,27 @@ def test_upstream_fault_fails_over_or_ends_cleanly(rigs: Callable[[Engine], Rig]
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("engine", ENGINES, ids=[e.name for e in ENGINES])
+def test_every_engine_answers_with_one_created_time_its_own_or_the_gateways(rigs: Callable[[Engine], Rig],
+                                                                            engine: Engine, stream: bool) -> None:
+    """OpenAI upstreams keep their `created`; formats without a timestamp get the request's time, the same
+    on every chunk of a stream (uni_api._stamp, the one place that reads the clock for it)."""
+    rig = rigs(engine)
+    rig.faulty.enqueue(good_reply(engine, stream))
+    before = int(time.time())
+    response = ask(rig, stream)
+    after = time.time()
+    assert response.status_code == 200, response.text
+    events = sse_events(response.text)[:-1] if stream else [response.json()]
+    stamps = {event["created"] for event in events}
+    assert len(stamps) == 1
+    if engine.name == "gpt":
+        assert stamps == {1700000000}
+    else:
+        assert before <= stamps.pop() <= after
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("engine", ENGINES, ids=[e.name for e in ENGINES])
 def test_connection_refused_fails_over_to_the_next_channel(rigs: Callable[[Engine], Rig], engine: Engine,
                                                            stream: bool) -> None:
     rig = rigs(engine)

@@ -169,7 +169,10 @@ def test_function_calling_modes_map_to_tool_choice(mode: str | None, choice: str
 @pytest.mark.parametrize("tool", ["googleSearch", "codeExecution", "urlContext", "googleSearchRetrieval"])
 def test_google_side_tools_are_refused_elsewhere_naming_the_tool(tool: str) -> None:
     with pytest.raises(adapters.RequestError, match=f"'{tool}'"):
+        adapters.from_gemini_request(body(tools=[{tool: {}}]))
+    with pytest.raises(adapters.UpstreamError, match=f"'{tool}'") as caught:  # the face: a Gemini channel may take it
         FACE.to_chat(body(tools=[{tool: {}}]))
+    assert (caught.value.status, caught.value.retryable) == (400, True)
 
 
 @pytest.mark.parametrize("request_body", [
@@ -180,7 +183,7 @@ def test_google_side_tools_are_refused_elsewhere_naming_the_tool(tool: str) -> N
 def test_gemini_only_content_is_refused_elsewhere(request_body: dict[str, Any]) -> None:
     FACE.validate(request_body)
     with pytest.raises(adapters.RequestError):
-        FACE.to_chat(request_body)
+        adapters.from_gemini_request(request_body)
 
 
 def test_stream_requests_ask_for_usage() -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import FakeUpstream, free_port, to_yaml
 from test_cli import ROOT, SCRIPT, cli_env
 
+import adapters
 import uni_api
 
 KEY = "sk-client"
@@ -187,7 +188,9 @@ def test_startup_exits_non_zero_when_discovered_models_hold_no_moderation_model(
 
 
 def test_moderation_for_unknown_user_text_is_skipped() -> None:
-    assert uni_api.last_user_text([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]) == ""
-    assert uni_api.last_user_text([{"role": "system", "content": "s"}]) == ""
+    chat = adapters.FACES["chat"]
+    turns = [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}]
+    assert chat.user_text({"messages": turns}) == ""
+    assert chat.user_text({"messages": [{"role": "system", "content": "s"}]}) == ""
     assert uni_api.flagged_categories(b'{"results": [{"flagged": true, "categories": {}}]}') == ["unspecified"]
     assert uni_api.flagged_categories(b'{"results": [{"flagged": false, "categories": {"hate": true}}]}') == []

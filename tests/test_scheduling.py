@@ -9,6 +9,7 @@ use real time, with timeouts of a few tenths of a second.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -564,7 +565,9 @@ def test_stream_that_answered_in_time_is_not_cut_by_the_request_cap(make_upstrea
     config = simple_config(a, b)
     config["preferences"] = {"model_timeout": 0.2, "request_timeout": 0.3}
     a.enqueue(delay=5, json=completion("late"))
-    b.enqueue(sse=chunks(["x", "y"]), chunk_delay=0.15)  # gaps under its timeout, longer than the time left
+    # the first output comes at once (no role chunk first); the gaps after it are under the channel's timeout and
+    # longer than the time the request had left
+    b.enqueue(sse=chunks(["x", "y"])[1:], chunk_delay=0.15)
     gw = make_gateway(config)
     stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "xy"
@@ -656,6 +659,37 @@ def test_error_trigger_in_the_first_stream_chunk_tries_the_next_channel(make_ups
     events[0]["choices"][0]["delta"]["content"] = TRIGGER
     a.enqueue(sse=events)
     gw = make_gateway(trigger_config(a, b))
+    stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: hi"
+    assert (len(a.received), len(b.received)) == (1, 1)
+
+
+def test_error_trigger_split_over_the_first_stream_chunks_tries_the_next_channel(make_upstream, make_gateway) -> None:
+    a, b = make_upstream(), make_upstream()
+    a.enqueue(sse=chunks(["The bot's usage ", "is covered ", "by the developer", " and more"]))
+    gw = make_gateway(trigger_config(a, b))
+    stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: hi"
+    assert (len(a.received), len(b.received)) == (1, 1)
+
+
+def test_error_trigger_in_a_messages_stream_tries_the_next_channel(make_upstream, make_gateway) -> None:
+    a, b = make_upstream(), make_upstream()
+    a.enqueue(sse=chunks(["", TRIGGER]))
+    gw = make_gateway(trigger_config(a, b))
+    response = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": "sk-client"}, timeout=10, json={
+        "model": "gpt-4o", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    deltas = [json.loads(line[6:])["delta"] for line in response.text.splitlines() if "text_delta" in line]
+    assert response.status_code == 200 and "".join(delta["text"] for delta in deltas) == "echo: hi"
+    assert (len(a.received), len(b.received)) == (1, 1)
+
+
+def test_a_stream_without_triggers_commits_at_its_first_output_not_its_role_chunk(make_upstream,
+                                                                                  make_gateway) -> None:
+    a, b = make_upstream(), make_upstream()
+    a.enqueue(raw_chunks=[b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+                          b'[{"index":0,"delta":{"role":"assistant"},"logprobs":null,"finish_reason":null}]}\n\n'])
+    gw = make_gateway(simple_config(a, b))
     stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: hi"
     assert (len(a.received), len(b.received)) == (1, 1)
