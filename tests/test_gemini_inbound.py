@@ -11,6 +11,7 @@ capitals), Google API design guide "Errors" (google.rpc.Status code / message / 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 import adapters
+import uni_api
 
 FACE = adapters.GeminiFace()
 MakeGateway = Callable[..., GatewayServer]
@@ -598,3 +600,89 @@ def test_bad_request_bodies_get_googles_400(families: Families) -> None:
     assert answer.json()["error"]["status"] == "INVALID_ARGUMENT" and "contents" in answer.json()["error"]["message"]
     unknown = httpx.post(families[0].url + "/v1beta/models/gpt-4o:predictLongRunning?key=sk-client", json=body())
     assert unknown.status_code == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
+
+
+def test_vertex_gemini_channel_gets_the_body_with_the_exchanged_token(upstream: FakeUpstream,
+                                                                      make_gateway: MakeGateway) -> None:
+    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
+    from cryptography.hazmat.primitives import serialization
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    vertex = {"provider": "vx", "base_url": upstream.url, "engine": "vertex-gemini", "project_id": "p",
+              "region": "us-central1", "client_email": "gw@p.iam.gserviceaccount.com", "private_key": pem,
+              "token_uri": f"{upstream.url}/token", "model": [{"gemini-2.5-pro": "pro"}]}
+    upstream.enqueue(Reply(json={"access_token": "ya29.token", "expires_in": 3599}))
+    upstream.enqueue(Reply(sse=[gemini_answer({"text": "Hi from Vertex"})]))
+    gateway = make_gateway({"providers": [vertex], "api_keys": [{"api": "sk-client"}]})
+    client = genai_client(gateway)
+    pieces = list(client.models.generate_content_stream(model="pro", contents="Hi"))
+    assert [p.text for p in pieces] == ["Hi from Vertex"] and pieces[0].model_version == "pro"
+    call = upstream.received[1]
+    assert call.path == "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:" \
+                        "streamGenerateContent" and call.query == {"alt": "sse"}
+    assert call.headers["Authorization"] == "Bearer ya29.token" and "x-goog-api-key" not in call.headers
+    assert call.json == {"contents": [{"parts": [{"text": "Hi"}], "role": "user"}]}
+
+
+@pytest.mark.parametrize("alt", ["sse", None])
+def test_converted_stream_cut_after_commit_ends_with_googles_error(families: Families, alt: str | None) -> None:
+    gateway, gpt = families[0], families[1]
+    gpt.enqueue(Reply(sse=chunks(["one", "two", "three"]), reset_after=2))
+    query = "?alt=sse" if alt else ""
+    answer = httpx.post(f"{gateway.url}/v1beta/models/gpt-4o:streamGenerateContent{query}", json=body(),
+                        headers={"x-goog-api-key": "sk-client"}, timeout=30)
+    assert answer.status_code == 200
+    frames = sse_frames([answer.content]) if alt else answer.json()
+    assert frames[0]["candidates"][0]["content"]["parts"] == [{"text": "one"}]
+    assert frames[-1]["error"]["code"] == 502 and frames[-1]["error"]["status"] == "UNAVAILABLE"
+    assert "mid-stream" in frames[-1]["error"]["message"]
+
+
+def test_native_stream_cut_after_commit_ends_with_googles_error(families: Families) -> None:
+    gateway, gemini = families[0], families[3]
+    gemini.enqueue(Reply(sse=[gemini_answer({"text": "a"}, finish=""), gemini_answer({"text": "b"}, finish="")]))
+    answer = httpx.post(f"{gateway.url}/v1beta/models/flash:streamGenerateContent", json=body(),
+                        headers={"x-goog-api-key": "sk-client"}, timeout=30)
+    array = answer.json()  # still one well-formed JSON array
+    assert [r.get("candidates", [{}])[0].get("content", {}).get("parts") for r in array[:2]] == [
+        [{"text": "a"}], [{"text": "b"}]]
+    assert array[-1]["error"]["status"] == "UNAVAILABLE"
+
+
+def test_native_error_event_first_fails_over_to_the_next_channel(make_upstream: Callable[[], FakeUpstream],
+                                                                  make_gateway: MakeGateway) -> None:
+    busy, spare = make_upstream(), make_upstream()
+    busy.enqueue(Reply(sse=[{"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}]))
+    spare.enqueue(sse=chunks(["fine"]))
+    gateway = make_gateway({"providers": [
+        {"provider": "gem", "base_url": f"{busy.url}/v1beta", "api": "AIza-x", "model": [{"gemini-2.5-flash": "m"}],
+         "preferences": {"cooldown_period": 0}},
+        {"provider": "oa", "base_url": f"{spare.url}/v1/chat/completions", "api": "sk-x", "model": [{"gpt-4o": "m"}],
+         "preferences": {"cooldown_period": 0}}], "api_keys": [{"api": "sk-client"}]})
+    client = genai_client(gateway)
+    pieces = list(client.models.generate_content_stream(model="m", contents="Hi"))
+    assert "".join(p.text or "" for p in pieces) == "fine"
+    assert len(busy.received) == 1 and len(spare.received) == 1
+
+
+def test_gemini_requests_are_recorded_with_their_tokens(make_upstream: Callable[[], FakeUpstream],
+                                                         make_gateway: MakeGateway, tmp_path: Path) -> None:
+    gemini, gpt = make_upstream(), make_upstream()
+    db = tmp_path / "stats.db"
+    gateway = make_gateway(family_config(gpt, make_upstream(), gemini), stats_options=uni_api.StatsOptions(str(db)))
+    gemini.enqueue(Reply(json=gemini_answer({"text": "ok"})))  # 6 in, 2 out
+    gemini.enqueue(Reply(sse=[gemini_answer({"text": "ok"})]))
+    gpt.enqueue(sse=chunks(["a", "b", "c"], usage=True))  # 5 in, 3 out
+    client = genai_client(gateway)
+    client.models.generate_content(model="flash", contents="Hi")
+    list(client.models.generate_content_stream(model="flash", contents="Hi"))
+    list(client.models.generate_content_stream(model="gpt-4o", contents="Hi"))
+    gateway.server_loop.run(gateway.state.stats.flush())
+    with sqlite3.connect(db) as connection:
+        found = connection.execute("SELECT model, provider, upstream_model, endpoint, status, prompt_tokens,"
+                                   " completion_tokens FROM requests ORDER BY id").fetchall()
+    assert found == [  # google-genai 1.x+ calls /v1 under a custom base_url
+        ("flash", "gem", "gemini-2.5-flash", "POST /v1/models/flash:generateContent", 200, 6, 2),
+        ("flash", "gem", "gemini-2.5-flash", "POST /v1/models/flash:streamGenerateContent", 200, 6, 2),
+        ("gpt-4o", "oa", "gpt-4o-2024-08-06", "POST /v1/models/gpt-4o:streamGenerateContent", 200, 5, 3)]
