@@ -682,7 +682,15 @@ def test_gemini_requests_are_recorded_with_their_tokens(make_upstream: Callable[
     with sqlite3.connect(db) as connection:
         found = connection.execute("SELECT model, provider, upstream_model, endpoint, status, prompt_tokens,"
                                    " completion_tokens FROM requests ORDER BY id").fetchall()
-    assert found == [  # google-genai 1.x+ calls /v1 under a custom base_url
+    assert found == [  # this google-genai calls /v1 under a custom base_url
         ("flash", "gem", "gemini-2.5-flash", "POST /v1/models/flash:generateContent", 200, 6, 2),
         ("flash", "gem", "gemini-2.5-flash", "POST /v1/models/flash:streamGenerateContent", 200, 6, 2),
         ("gpt-4o", "oa", "gpt-4o-2024-08-06", "POST /v1/models/gpt-4o:streamGenerateContent", 200, 5, 3)]
+
+
+def test_moderation_reads_the_last_user_turns_text() -> None:
+    request = body(contents=[{"role": "user", "parts": [{"text": "first"}]},
+                             {"role": "model", "parts": [{"text": "answer"}]},
+                             {"parts": [{"text": "second"}, {"inlineData": {"mimeType": "image/png", "data": "x"}},
+                                        {"text": "third"}]}])
+    assert FACE.user_text(request) == "second\nthird"
