@@ -3135,9 +3135,9 @@ def _to_gemini_call(call: Mapping[str, Any]) -> dict[str, Any]:
     return {**part, "thoughtSignature": signature} if signature else part
 
 
-def _to_gemini_parts(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _to_gemini_parts(message: Mapping[str, Any], thoughts: bool = True) -> list[dict[str, Any]]:
     reasoning, text = _thinking_of(message), message.get("content") or message.get("refusal")
-    parts = [{"text": reasoning, "thought": True}] if isinstance(reasoning, str) and reasoning else []
+    parts = [{"text": reasoning, "thought": True}] if thoughts and isinstance(reasoning, str) and reasoning else []
     if text:
         parts.append({"text": text if isinstance(text, str) else _text_of(text)})
     return parts + [_to_gemini_call(call) for call in message.get("tool_calls") or () if isinstance(call, Mapping)]
@@ -3147,9 +3147,17 @@ def _to_gemini_finish(reason: Any) -> str:
     return _TO_GEMINI_FINISH.get(reason or "stop", "OTHER")
 
 
-def to_gemini_response(completion: Mapping[str, Any], model: str) -> dict[str, Any]:
+def wants_thoughts(body: Mapping[str, Any]) -> bool:
+    """"ThinkingConfig.includeThoughts": thought parts are in the answer only when the request asked for them."""
+    config = _gemini_map(body.get("generationConfig") or body.get("generation_config"))
+    thinking = _gemini_map(config.get("thinkingConfig") or config.get("thinking_config"))
+    return bool(thinking.get("includeThoughts") or thinking.get("include_thoughts"))
+
+
+def to_gemini_response(completion: Mapping[str, Any], model: str, thoughts: bool = True) -> dict[str, Any]:
     """An OpenAI chat.completion as a GenerateContentResponse, one candidate per choice."""
-    candidates = [{"content": {"role": "model", "parts": _to_gemini_parts(_gemini_map(choice.get("message"))) or [
+    candidates = [{"content": {"role": "model", "parts": _to_gemini_parts(_gemini_map(choice.get("message")),
+                                                                          thoughts) or [
         {"text": ""}]}, "finishReason": _to_gemini_finish(choice.get("finish_reason")),
         "index": choice.get("index", i)} for i, choice in enumerate(map(_gemini_map, completion.get("choices") or ()))]
     return _gemini_fields({"candidates": candidates, "usageMetadata": to_gemini_usage(completion.get("usage")),
@@ -3164,6 +3172,7 @@ class GeminiStream(FaceStream):
 
     model: str
     sse: bool = True
+    thoughts: bool = True  # reasoning as thought parts (includeThoughts)
     response_id: str | None = None
     opened: bool = False  # the JSON array's "[" is out
     calls: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # (choice, tool call index) -> call
@@ -3201,7 +3210,8 @@ class GeminiStream(FaceStream):
                 self.add_call(index, _gemini_map(call))
             if choice.get("finish_reason"):
                 self.finish[index] = choice["finish_reason"]
-            parts = _to_gemini_parts({"content": delta.get("content"), "reasoning_content": _thinking_of(delta)})
+            parts = _to_gemini_parts({"content": delta.get("content"), "reasoning_content": _thinking_of(delta)},
+                                     self.thoughts)
             if parts:
                 candidates.append({"content": {"role": "model", "parts": parts}, "index": index})
         return [self.frame(self.response(candidates))] if candidates else []
@@ -3307,10 +3317,10 @@ class GeminiFace(Face):
         return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
 
     def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
-        return to_gemini_response(completion, model)
+        return to_gemini_response(completion, model, wants_thoughts(body))
 
     def stream(self, body: Mapping[str, Any], model: str) -> GeminiStream:
-        return GeminiStream(model, sse=body.get("alt") == "sse")
+        return GeminiStream(model, sse=body.get("alt") == "sse", thoughts=wants_thoughts(body))
 
     def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
         return gemini_error_body(message, status)

@@ -207,7 +207,9 @@ def test_completion_becomes_a_generate_content_response() -> None:
         "usage": {"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40,
                   "completion_tokens_details": {"reasoning_tokens": 12},
                   "prompt_tokens_details": {"cached_tokens": 4}}}
-    answer = FACE.from_chat(completion, body(), "gem-alias")
+    thinking = body(generationConfig={"thinkingConfig": {"includeThoughts": True}})
+    assert FACE.from_chat(completion, body(), "m")["candidates"][0]["content"]["parts"][0] == {"text": "Checking."}
+    answer = FACE.from_chat(completion, thinking, "gem-alias")
     assert answer == {"candidates": [{"content": {"role": "model", "parts": [
         {"text": "Need weather.", "thought": True}, {"text": "Checking."},
         {"functionCall": {"id": "call_9", "name": "get_weather", "args": {"city": "P"}},
@@ -230,7 +232,8 @@ def test_finish_reasons_map_to_gemini(finish: str, reason: str) -> None:
 
 
 def test_sse_stream_sends_text_as_it_comes_and_calls_whole_at_the_end() -> None:
-    stream = FACE.stream(body(stream=True, alt="sse"), "gem")
+    snake_case = {"generation_config": {"thinking_config": {"include_thoughts": True}}}
+    stream = FACE.stream(body(stream=True, alt="sse", **snake_case), "gem")
     assert stream.media_type == "text/event-stream"
     frames = [*stream.on_chunk(chunk({"role": "assistant", "content": ""})),
               *stream.on_chunk(chunk({"reasoning_content": "hmm"})),
@@ -250,6 +253,12 @@ def test_sse_stream_sends_text_as_it_comes_and_calls_whole_at_the_end() -> None:
     assert events[-1]["usageMetadata"] == {"promptTokenCount": 3, "candidatesTokenCount": 4, "totalTokenCount": 7}
     assert {(e["modelVersion"], e["responseId"]) for e in events} == {("gem", "chatcmpl-1")}
     assert all("finishReason" not in e["candidates"][0] for e in events[:-1])
+
+
+def test_thought_parts_are_sent_only_when_include_thoughts_asks() -> None:
+    stream = FACE.stream(body(stream=True, alt="sse"), "gem")
+    frames = [*stream.on_chunk(chunk({"reasoning_content": "hmm"})), *stream.on_chunk(chunk({"content": "a"}))]
+    assert [e["candidates"][0]["content"]["parts"] for e in sse_frames(frames)] == [[{"text": "a"}]]
 
 
 def test_json_array_stream_is_one_json_array_of_responses() -> None:
