@@ -3352,24 +3352,24 @@ def _path(suffix: str) -> Callable[[SplitResult, str], bool]:
     return lambda url, model: url.path.rstrip("/").endswith(suffix)
 
 
-_Rule = tuple[str, Callable[[SplitResult, str], bool]]
-_GOOGLE_RULES: Final[tuple[_Rule, ...]] = (
+EngineRule = tuple[str, Callable[[SplitResult, str], bool]]
+_GOOGLE_RULES: Final[tuple[EngineRule, ...]] = (
     ("gemini", _host("generativelanguage.googleapis.com")),
     ("gemini", _path("/v1beta")),
     # One Vertex host serves both wire formats: the model name tells them apart.
     ("vertex-claude", lambda url, model: "claude" in model and _host("aiplatform.googleapis.com")(url, model)),
     ("vertex-gemini", _host("aiplatform.googleapis.com")),
 )
-_CLAUDE_RULES: Final[tuple[_Rule, ...]] = (
+_CLAUDE_RULES: Final[tuple[EngineRule, ...]] = (
     ("claude", _host("api.anthropic.com")),
     ("claude", _path("/v1/messages")),
     ("aws", lambda url, model: "bedrock-runtime" in (url.hostname or "")),
     ("aws", _host("amazonaws.com")),
 )
-_OTHER_RULES: Final[tuple[_Rule, ...]] = (("cohere", _is_cohere), ("cloudflare", _is_cloudflare))
+_OTHER_RULES: Final[tuple[EngineRule, ...]] = (("cohere", _is_cohere), ("cloudflare", _is_cloudflare))
 
 # First matching rule wins; `engine:` in api.yaml overrides all of them.
-ENGINE_RULES: Final[tuple[_Rule, ...]] = (
+ENGINE_RULES: Final[tuple[EngineRule, ...]] = (
     *_GOOGLE_RULES,
     *_CLAUDE_RULES,
     *_OTHER_RULES,

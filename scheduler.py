@@ -284,8 +284,9 @@ class Scheduler:
         rotation.used = now
         return STRATEGIES[strategy](ready, rotation, self._rng)
 
-    def record_success(self, channel: Channel) -> None:
-        self._cool_until.pop((channel.provider, channel.upstream_model), None)
+    def record_success(self, channel: Channel) -> bool:
+        """End the channel's cooldown; True when it had one (shared state then clears it for everyone)."""
+        return self._cool_until.pop((channel.provider, channel.upstream_model), None) is not None
 
     def record_failure(self, channel: Channel) -> None:
         if channel.cooldown_s <= 0:
@@ -308,17 +309,28 @@ class Scheduler:
     def acquire_key(self, pool: KeyPool, model: str, exclude: Collection[int] = ()) -> int | None:
         """Next usable key index by `pool.strategy`, recording its use; None when every key is unusable."""
         now = self._now()
-        if pool.size <= 0:
-            return None
         found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
-        order = KEY_STRATEGIES[pool.strategy](pool.size, self._key_cursor.get(pool.provider, 0), self._rng)
-        for index in order:
-            if index in exclude or self._benched_until.get((pool.provider, index), -math.inf) > now:
-                continue
+        for index in self._key_order(pool, exclude, now):
             if found is None or self._take(("key", pool.provider, str(index)), found, now) == 0:
-                self._key_cursor[pool.provider] = index + 1
+                self.key_taken(pool, index)
                 return index
         return None
+
+    def key_order(self, pool: KeyPool, exclude: Collection[int] = ()) -> list[int]:
+        """The key indexes `acquire_key` would try, in order, leaving out excluded and benched ones; records
+        nothing. Shared state takes the first one whose shared rate windows have room, then calls `key_taken`."""
+        return self._key_order(pool, exclude, self._now())
+
+    def _key_order(self, pool: KeyPool, exclude: Collection[int], now: float) -> list[int]:
+        if pool.size <= 0:
+            return []
+        order = KEY_STRATEGIES[pool.strategy](pool.size, self._key_cursor.get(pool.provider, 0), self._rng)
+        benched = self._benched_until
+        return [i for i in order if i not in exclude and benched.get((pool.provider, i), -math.inf) <= now]
+
+    def key_taken(self, pool: KeyPool, index: int) -> None:
+        """Move the pool's rotation past `index`, the key just used."""
+        self._key_cursor[pool.provider] = index + 1
 
     def record_key_failure(self, pool: KeyPool, index: int, retry_after: float | None = None) -> None:
         """Bench the key for the longer of `pool.cooldown_s` and the upstream's Retry-After."""
@@ -327,6 +339,26 @@ class Scheduler:
             return
         key = (pool.provider, index)
         self._benched_until[key] = max(self._benched_until.get(key, -math.inf), self._now() + period)
+
+    # State kept elsewhere (uni_api.py's SharedState reads it from Redis and hands it over here)
+
+    def adopt_cooldowns(self, remaining: Mapping[Channel, float]) -> None:
+        """Each channel cools for its remaining seconds from now, or not at all when 0; replaces what was here."""
+        now = self._now()
+        for channel, seconds in remaining.items():
+            if seconds > 0:
+                self._cool_until[channel.provider, channel.upstream_model] = (now + seconds, channel)
+            else:
+                self._cool_until.pop((channel.provider, channel.upstream_model), None)
+
+    def adopt_benches(self, provider: str, remaining: Sequence[float]) -> None:
+        """Key `i` of `provider` is benched for `remaining[i]` seconds from now, or not at all when 0."""
+        now = self._now()
+        for index, seconds in enumerate(remaining):
+            if seconds > 0:
+                self._benched_until[provider, index] = now + seconds
+            else:
+                self._benched_until.pop((provider, index), None)
 
     # Housekeeping
 

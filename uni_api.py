@@ -40,6 +40,7 @@ import logging
 import math
 import re
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -96,6 +97,9 @@ PROXY_SCHEMES: Final = ("http", "https", "socks4", "socks5", "socks5h")
 SPEEDUPS: Final = ("uvloop", "httptools", "orjson")
 MODERATION_MODELS: Final = ("omni-moderation-latest", "text-moderation-latest")  # ENABLE_MODERATION's, in order
 CONFIG_POLL_SECONDS: Final = 2.0  # how often a local config file's mtime and size are checked
+STATE_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")  # what redis-py's from_url reads; Valkey too
+DEFAULT_STATE_PREFIX: Final = "uni-api"
+DEFAULT_STATE_TIMEOUT: Final = 0.25  # seconds: connect and reply; a dead Redis never holds a request longer
 
 logger = logging.getLogger("uni_api")
 
@@ -203,6 +207,16 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class StateOptions:
+    """`state:`: the Redis (or Valkey) where workers and instances share rate windows, cooldowns and benches."""
+
+    redis_url: str
+    prefix: str = DEFAULT_STATE_PREFIX
+    on_error: Literal["open", "closed"] = "open"  # Redis unreachable: decide locally, or answer 503
+    timeout_s: float = DEFAULT_STATE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     providers: Mapping[str, Provider]
@@ -217,6 +231,7 @@ class Config:
     keys_by_digest: Mapping[bytes, ApiKey] = field(default_factory=lambda: MappingProxyType({}))
     secrets: re.Pattern[str] | None = None  # every key and credential of this config, for redacting DEBUG logs
     placeholders: tuple[str, ...] = ()  # "file:line: key path" of each value left as api.yaml.example's
+    state: StateOptions | None = None  # None: this process's memory holds all scheduling state
 
 
 # --- Config parsing ---
@@ -363,6 +378,7 @@ _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_
                           "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides")
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
+_STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
                         "max_body_size", "request_timeout")
 
@@ -375,8 +391,11 @@ class _Globals:
     proxy: str | None
 
 
-def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -> Config:
-    """api.yaml text to frozen records; raises ConfigError naming file, line and key path."""
+def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
+                 env_redis_url: str | None = None) -> Config:
+    """api.yaml text to frozen records; raises ConfigError naming file, line and key path.
+
+    `env_redis_url` ($REDIS_URL) turns shared state on when api.yaml has no `state:`, and fills its `redis_url`."""
     try:
         raw = YAML(typ="rt").load(text)
     except MarkedYAMLError as exc:
@@ -385,7 +404,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         raise ConfigError(f"{_source_name(source)}:{line}: YAML syntax error: {exc.problem or exc.context}") from None
     root = _Node(_expand_env(raw, source, "", 0) if raw is not None else CommentedMap(), "", source)
     placeholders = tuple(_placeholders(root.data, source, "", 0))
-    root.check_keys(("providers", "api_keys", "preferences"))
+    root.check_keys(("providers", "api_keys", "preferences", "state"))
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
     glob = _Globals(_timeouts(prefs, "model_timeout"), _seconds(prefs, "cooldown_period", DEFAULT_COOLDOWN),
@@ -428,6 +447,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT) -
         keys_by_digest=MappingProxyType(digests),
         secrets=_secrets_pattern(providers.values(), keys),
         placeholders=placeholders,
+        state=_parse_state(root, env_redis_url),
     )
     _check_moderation_rules(config, entries)
     return config
@@ -447,6 +467,28 @@ def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str
     elif isinstance(value, CommentedSeq):
         for i, item in enumerate(value):
             yield from _placeholders(item, source, f"{path}[{i}]", value.lc.item(i)[0])
+
+
+def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
+    node = root.mapping("state")
+    if node is None:
+        return StateOptions(env_redis_url) if env_redis_url else None
+    node.check_keys(_STATE_KEYS)
+    url = node.get("redis_url", str, env_redis_url)
+    if not url:
+        raise node.error("missing required key 'redis_url' (or set REDIS_URL)")
+    if not url.startswith(STATE_URL_SCHEMES):
+        raise node.error("expected a redis://, rediss:// or unix:// URL", "redis_url")
+    prefix = node.get("prefix", str, DEFAULT_STATE_PREFIX)
+    if not prefix.strip():
+        raise node.error("expected a non-empty string", "prefix")
+    on_error = node.get("on_error", str, "open")
+    if on_error not in ("open", "closed"):
+        raise node.error(f"expected open or closed, got {on_error!r}", "on_error")
+    timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
+    if timeout <= 0:
+        raise node.error("expected a number of seconds > 0", "timeout")
+    return StateOptions(url, prefix, on_error, timeout)
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -706,13 +748,13 @@ async def fetch_text(url: str, *, limit: int = CONFIG_FETCH_LIMIT, timeout: floa
 def load_config(source: str) -> Config:
     """Read a config from a path or an http(s) URL and parse it."""
     text = asyncio.run(fetch_text(source)) if _is_url(source) else read_config_file(source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 async def reload_config(source: str) -> Config:
     """load_config for a running loop: the file is read off the loop."""
     text = await fetch_text(source) if _is_url(source) else await asyncio.to_thread(read_config_file, source)
-    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT))
+    return parse_config(text, source, _env_float("TIMEOUT", DEFAULT_TIMEOUT), os.environ.get("REDIS_URL") or None)
 
 
 def _is_url(source: str) -> bool:
@@ -964,9 +1006,10 @@ class RequestRecord:
     cached_tokens: int = 0
     attempts: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # provider, model, key, status, ms
 
-    def add_attempt(self, channel: Channel, index: int, status: int, ms: float) -> None:
+    def add_attempt(self, channel: Channel, index: int | None, status: int, ms: float) -> None:
+        """`index`: the provider key's, None for a provider without keys (-1 in the attempts table)."""
         self.provider, self.upstream_model = channel.provider, channel.upstream_model
-        self.attempts.append((channel.provider, channel.upstream_model, index, status, ms))
+        self.attempts.append((channel.provider, channel.upstream_model, -1 if index is None else index, status, ms))
 
     def add_usage(self, usage: Any) -> None:
         """The upstream's usage (the last report wins: some providers send running totals)."""
@@ -1320,6 +1363,8 @@ class Gateway:
     recent: AttemptStats = field(default_factory=lambda: AttemptStats())
     loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
     stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
+    shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
+    instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
 
 
 _KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
@@ -1685,6 +1730,336 @@ async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> Asyn
         response.close()
 
 
+# --- Shared state: rate windows, cooldowns and key benches in Redis (or Valkey) ---
+# Workers and instances with the same `state:` see one set of limits and cooldowns. The scheduler stays pure:
+# admission reads what everyone recorded in one round trip and hands it over (adopt_cooldowns, adopt_benches);
+# failures write their cooldown with its real expiry. Time is Redis's own (TIME), so instance clocks may differ.
+# Redis keys hold fingerprints (a sha256 prefix), never a client or provider key. Round-robin positions stay per
+# instance: over N instances each rotates on its own, so shares even out but strict alternation does not hold.
+
+# KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
+# ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key.
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local n = tonumber(ARGV[1])
+local wait = 0
+for i = 1, n do
+  local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local used = redis.call('ZCARD', KEYS[i])
+  if used >= count then
+    local oldest = redis.call('ZRANGE', KEYS[i], used - count, used - count, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
+end
+if wait == 0 then
+  for i = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+  end
+end
+local out = {math.ceil(wait)}
+for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
+return out
+"""
+# KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
+# window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
+# position, or 0 when none has.
+_ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local l = tonumber(ARGV[1])
+for c = 0, #KEYS / (l + 1) - 1 do
+  local base = c * (l + 1)
+  if redis.call('EXISTS', KEYS[base + 1]) == 0 then
+    local room = true
+    for i = 1, l do
+      local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+      redis.call('ZREMRANGEBYSCORE', KEYS[base + 1 + i], '-inf', now - window)
+      if redis.call('ZCARD', KEYS[base + 1 + i]) >= count then room = false end
+    end
+    if room then
+      for i = 1, l do
+        redis.call('ZADD', KEYS[base + 1 + i], now, ARGV[2])
+        redis.call('PEXPIRE', KEYS[base + 1 + i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+      end
+      return c + 1
+    end
+  end
+end
+return 0
+"""
+# KEYS[1] cools (or is benched) for ARGV[1] ms, unless it already is for longer.
+_COOL_LUA: Final = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return 0
+"""
+SHARED_RETRY_S: Final = 1.0  # after a failure, Redis is left alone this long (requests decide without it)
+SHARED_WARN_EVERY_S: Final = 10.0
+
+
+class SharedStateDown(GatewayError):
+    status, type, code = 503, "server_error", "shared_state_unavailable"
+
+
+class SharedState:
+    """The Redis client, the scripts above, and the health that /metrics and /status report.
+
+    Commands issued in one turn of the event loop go to Redis together, in one pipeline: under load many
+    requests share a round trip, which is most of what Redis costs a request in CPU (bench/capacity.py).
+    Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
+    then does what `on_error` says. After a failure Redis is left alone for SHARED_RETRY_S, then tried again,
+    so sharing resumes by itself when it is back and a dead Redis costs a request only the local decision.
+    """
+
+    def __init__(self, options: StateOptions) -> None:
+        import redis.asyncio  # only here: a one-process gateway never needs redis-py
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.options = options
+        self.errors = 0  # decisions taken without Redis (a metric)
+        self.down_since: float | None = None
+        # No socket_timeout: one timeout bounds each whole pipeline (_execute). No retries: redis-py retries
+        # with backoff by default, which would hold requests while Redis is down.
+        self._client = redis.asyncio.Redis.from_url(options.redis_url, socket_connect_timeout=options.timeout_s,
+                                                    retry=Retry(NoBackoff(), 0))
+        self._no_script = redis.exceptions.NoScriptError
+        self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Future[None]] = set()
+        self._retry_at = self._warned_at = -math.inf
+        self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
+        self._count = 0
+        self._names: dict[tuple[str, ...], str] = {}
+
+    def name(self, kind: str, *parts: str) -> str:
+        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+        found = self._names.get((kind, *parts))
+        if found is None:
+            if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
+                self._names.clear()
+            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}"
+        return found
+
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[str]:
+        """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
+        entry, limits = found
+        return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
+
+    async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[str]) -> list[int] | None:
+        """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
+        keys = [*windows, *ttl_keys]
+        return await self._call("EVALSHA", _SHA["admit"], len(keys), *keys, len(windows), self._next_member(),
+                                *_limit_args(limits))
+
+    async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
+        """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
+        keys = [name for bench, names in candidates for name in (bench, *names)]
+        found = await self._call("EVALSHA", _SHA["acquire"], len(keys), *keys, len(limits), self._next_member(),
+                                 *_limit_args(limits))
+        return None if found is None else int(found) - 1
+
+    async def cool(self, name: str, seconds: float) -> None:
+        """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
+        await self._call("EVALSHA", _SHA["cool"], 1, name, math.ceil(seconds * 1000))
+
+    async def clear(self, name: str) -> None:
+        await self._call("DEL", name)
+
+    async def ping(self) -> bool:
+        return await self._call("PING") is not None
+
+    async def close(self) -> None:
+        closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
+        await closing()
+
+    def _next_member(self) -> str:
+        self._count += 1
+        return f"{self._member}{self._count}"
+
+    async def _call(self, *command: Any) -> Any:
+        """One command, sent with the others of this turn of the event loop."""
+        if time.monotonic() < self._retry_at:
+            self._fault(None)
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            result = await future
+            if isinstance(result, Exception):  # this command's own error, e.g. a wrong type at its key
+                raise result
+        except self._faults as exc:
+            self._fault(exc)
+            return None
+        if self.down_since is not None:
+            logger.warning("shared state: Redis answers again after %.1f s; limits and cooldowns are shared again",
+                           time.time() - self.down_since)
+            self.down_since = None
+        return result
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await _within(self.options.timeout_s, self._execute([command for command, _ in batch]))
+        except Exception as exc:  # handed to each waiting request, which decides by on_error
+            results = [exc] * len(batch)
+        except BaseException:  # the loop is closing
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its request may have ended meanwhile
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._pipeline(commands)
+        if any(isinstance(result, self._no_script) for result in results):  # a restarted Redis forgot them
+            for text in _SCRIPTS.values():
+                await self._client.script_load(text)
+            results = await self._pipeline(commands)
+        return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:  # a pipeline object costs more than the one command it would carry
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except self._no_script as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    def _fault(self, exc: BaseException | None) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if exc is not None:
+            self._retry_at = now + SHARED_RETRY_S
+            self.down_since = self.down_since or time.time()
+        if now - self._warned_at >= SHARED_WARN_EVERY_S:
+            self._warned_at = now
+            decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
+            logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
+                           str(exc or "still down") or type(exc).__name__, self.options.on_error, decided,
+                           self.errors)
+
+
+_SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
+_SHA: Final[Mapping[str, str]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()})
+
+
+def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
+    return [value for limit in limits for value in (limit.count, limit.window_s * 1000)]
+
+
+def _redis_where(url: str) -> str:
+    """host:port/db of a redis URL, without user or password."""
+    rest = url.split("://", 1)[1]
+    return rest.rsplit("@", 1)[-1]
+
+
+def render_shared_metrics(gw: Gateway) -> str:
+    lines = ["# HELP uni_api_instance_info The instance that answered (hostname:pid, or $INSTANCE_ID).",
+             "# TYPE uni_api_instance_info gauge", f'uni_api_instance_info{{instance_id="{gw.instance}"}} 1']
+    if gw.shared is not None:
+        lines += ["# HELP uni_api_shared_state_up 1 while Redis (shared state) answers, 0 while it does not.",
+                  "# TYPE uni_api_shared_state_up gauge",
+                  f"uni_api_shared_state_up {int(gw.shared.down_since is None)}",
+                  "# HELP uni_api_shared_state_errors_total Decisions taken without Redis (on_error open or closed).",
+                  "# TYPE uni_api_shared_state_errors_total counter",
+                  f"uni_api_shared_state_errors_total {gw.shared.errors}"]
+    return "\n".join(lines) + "\n"
+
+
+def shared_state_line(gw: Gateway) -> str:
+    """The /status page's sentence about this instance and its shared state."""
+    where = f"Instance {html.escape(gw.instance)}."
+    shared = gw.shared
+    if shared is None:
+        return f"{where} Limits and cooldowns are kept in this process only."
+    target = html.escape(f"{_redis_where(shared.options.redis_url)} (prefix {shared.options.prefix})")
+    if shared.down_since is None:
+        return f"{where} Shared state: Redis at {target}, answering."
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(shared.down_since))
+    return (f"{where} <strong>Shared state: Redis at {target} UNREACHABLE since {since}</strong>; on_error "
+            f"{shared.options.on_error}, {shared.errors} decisions taken without it.")
+
+
+async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str,
+                       channels: Sequence[Channel]) -> int:
+    """One round trip: check-and-record the key's shared rate windows, and adopt the cooldowns of `channels`
+    and the benches of their providers' keys. Seconds to wait, 0 when admitted."""
+    limits = key.rate_limits or gw.config.rate_limits
+    found = limits.lookup(model) if limits is not None else None
+    windows = shared.windows(("client", key.token), found) if found is not None else []
+    providers = [gw.config.providers[name] for name in dict.fromkeys(channel.provider for channel in channels)]
+    cools = [shared.name("cool", c.provider, c.upstream_model) for c in channels]
+    benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
+    answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
+    if answer is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.admit(key.token, model, limits)
+    wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
+    gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
+    start = len(channels)
+    for provider in providers:
+        gw.scheduler.adopt_benches(provider.name, ttls[start:start + len(provider.api_keys)])
+        start += len(provider.api_keys)
+    return math.ceil(wait / 1000)
+
+
+async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: str, tried: list[int]) -> int | None:
+    """`Scheduler.acquire_key` with the provider's `api_key_rate_limit` windows and benches kept in Redis."""
+    pool = policy.keys
+    found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
+    if found is None:
+        return gw.scheduler.acquire_key(pool, model, tried)
+    order = gw.scheduler.key_order(pool, tried)
+    provider = gw.config.providers[pool.provider]
+    candidates = [(shared.name("bench", provider.name, provider.api_keys[i]),
+                   shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
+    position = await shared.acquire(candidates, found[1]) if order else -1
+    if position is None:
+        if shared.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        return gw.scheduler.acquire_key(pool, model, tried)
+    if position < 0:
+        return None
+    gw.scheduler.key_taken(pool, order[position])
+    return order[position]
+
+
+async def channel_failed(gw: Gateway, channel: Channel) -> None:
+    """Cool the channel here and, with shared state, everywhere (until its real expiry)."""
+    gw.scheduler.record_failure(channel)
+    if gw.shared is not None and channel.cooldown_s > 0:
+        await gw.shared.cool(gw.shared.name("cool", channel.provider, channel.upstream_model), channel.cooldown_s)
+
+
+async def key_failed(gw: Gateway, policy: Policy, index: int, retry_after: float | None) -> None:
+    """Bench the key here and, with shared state, everywhere, for the longer of its cooldown and Retry-After."""
+    gw.scheduler.record_key_failure(policy.keys, index, retry_after)
+    period = max(policy.keys.cooldown_s, retry_after or 0.0)
+    if gw.shared is not None and period > 0:
+        provider = gw.config.providers[policy.keys.provider]
+        await gw.shared.cool(gw.shared.name("bench", provider.name, provider.api_keys[index]), period)
+
+
+
 # --- Request flow: plan, attempts, failover ---
 
 
@@ -1698,26 +2073,60 @@ def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
 
 
-def _next_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+async def _keys(flow: Flow, policy: Policy, model: str) -> AsyncIterator[int | None]:
+    """The indexes of the provider's keys to try for one request, in scheduled order and each at most once, while
+    the request may spend more and a key is free (not benched, under its api_key_rate_limit); a provider without
+    keys gets one turn, index None. A key is taken only when its turn comes."""
     if policy.keys.size == 0:
-        return None if tried else -1
+        if flow.can_spend():
+            yield None
+        return
+    tried: list[int] = []
+    while flow.can_spend() and (index := await _acquire_key(flow.gw, policy, model, tried)) is not None:
+        tried.append(index)
+        yield index
+
+
+async def _acquire_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+    if gw.shared is not None and policy.keys.rate_limits is not None:
+        return await shared_key(gw, gw.shared, policy, model, tried)
     return gw.scheduler.acquire_key(policy.keys, model, tried)
 
 
 @dataclass(slots=True)
-class _Budget:
-    """What one request may still spend: attempts (AUTO_RETRY) and time (request_timeout), set by the first."""
+class Flow:
+    """One client request on its way through the attempts: whose key asks for which model, what the request may
+    still spend (attempts under AUTO_RETRY; time under request_timeout, set by its first channel) and what
+    failed so far."""
 
-    attempts: float
+    gw: Gateway
+    key: ApiKey
+    model: str
+    record: RequestRecord | None = None
+    attempts_left: float = math.inf
     deadline: float | None = None
+    failures: list[tuple[Channel, UpstreamError]] = field(default_factory=list)
 
-    def start(self, config: Config, first_timeout: float) -> None:
+    def start_clock(self, first_timeout: float) -> None:
         if self.deadline is None:
-            cap = 2 * first_timeout if config.request_timeout is None else config.request_timeout or math.inf
+            cap = self.gw.config.request_timeout
+            cap = 2 * first_timeout if cap is None else cap or math.inf
             self.deadline = time.monotonic() + cap
 
     def time_left(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def can_spend(self) -> bool:
+        return self.attempts_left > 0 and self.time_left() > 0
+
+    def log_attempt(self, channel: Channel, index: int | None, status: int, started: float, why: str) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        if self.record is not None:
+            self.record.add_attempt(channel, index, status, ms)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("attempt key=%s provider=%s model=%s key_index=%s status=%d ms=%.1f %s", self.key.label,
+                        channel.provider, channel.upstream_model, "none" if index is None else index, status, ms,
+                        why)
 
 
 class _OutOfTime(UpstreamError):
@@ -1730,13 +2139,16 @@ class _NotServed(UpstreamError):
 
 async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
     """Admit one request of `key` for `model`, then fail over across its channels."""
-    return await failover(gw, key, model, admit(gw, key, model), send, record)
+    return await failover(gw, key, model, await admitted_channels(gw, key, model), send, record)
 
 
-def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+async def admitted_channels(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
     """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
     channels = channels_for(gw, key, model)
-    wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    if gw.shared is None:
+        wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    else:
+        wait = await shared_admit(gw, gw.shared, key, model, channels)
     if wait:
         raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
     return channels
@@ -1745,81 +2157,79 @@ def admit(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
 async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
                    record: RequestRecord | None = None) -> Response:
     """Try `channels` in scheduled order, each key of a channel at most once."""
-    budget = _Budget(math.inf if key.retries is None else key.retries + 1)
-    failures: list[tuple[Channel, UpstreamError]] = []
+    flow = Flow(gw, key, model, record, math.inf if key.retries is None else key.retries + 1)
     for channel in gw.scheduler.plan(key.token, channels, key.strategy):
-        response = await _try_channel(gw, key, channel, send, budget, failures, record)
+        response = await _try_channel(flow, channel, send)
         if response is not None:
             return response
-    raise _all_failed(model, failures)
+    raise _all_failed(model, flow.failures)
 
 
-async def _try_channel(gw: Gateway, key: ApiKey, channel: Channel, send: Sender, budget: _Budget,
-                       failures: list[tuple[Channel, UpstreamError]],
-                       record: RequestRecord | None = None) -> Response | None:
-    """The channel's keys in turn until one answers or a failure is the channel's; failures are appended."""
+async def _try_channel(flow: Flow, channel: Channel, send: Sender) -> Response | None:
+    """The channel's keys in turn until one answers or a failure is the channel's; failures go on `flow`."""
+    gw = flow.gw
     policy = gw.config.policies[channel.provider]
     timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
-    budget.start(gw.config, timeout)
-    tried: list[int] = []
-    while budget.attempts > 0 and (left := budget.time_left()) > 0:
-        index = _next_key(gw, policy, channel.upstream_model, tried)
-        if index is None:
-            if tried:  # every key failed this request: the channel failed
-                gw.scheduler.record_failure(channel)
-            else:
-                failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
-            return None
-        tried.append(index)
-        budget.attempts -= 1
+    flow.start_clock(timeout)
+    tried = False
+    async for index in _keys(flow, policy, channel.upstream_model):
+        tried, left = True, flow.time_left()
+        flow.attempts_left -= 1
         started = time.perf_counter()
-        outcome = await _attempt(gw, key, channel, index, timeout, send, left, record)
+        outcome = await _attempt(flow, channel, index, timeout, send, left)
         gw.recent.record(channel, outcome, time.perf_counter() - started)
         if isinstance(outcome, Response):
             return outcome
-        failures.append((channel, outcome))
+        flow.failures.append((channel, outcome))
         if not outcome.retryable:
             raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
                                code="upstream_error")
         if isinstance(outcome, _OutOfTime):
-            budget.attempts = 0
+            flow.attempts_left = 0
         elif isinstance(outcome, _NotServed):
-            budget.attempts += 1  # nothing was sent upstream
-        elif outcome.status in _KEY_FAILURES and index >= 0:
-            gw.scheduler.record_key_failure(policy.keys, index, outcome.retry_after)
+            flow.attempts_left += 1  # nothing was sent upstream
+        elif outcome.status in _KEY_FAILURES and index is not None:
+            await key_failed(gw, policy, index, outcome.retry_after)
             continue
         else:
-            gw.scheduler.record_failure(channel)
+            await channel_failed(gw, channel)
         return None
+    if not flow.can_spend():
+        return None
+    if tried:  # every key failed this request: the channel failed
+        await channel_failed(gw, channel)
+    else:
+        flow.failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
     return None
 
 
-async def _attempt(gw: Gateway, key: ApiKey, channel: Channel, index: int, timeout: float,
-                   send: Sender, left: float = math.inf, record: RequestRecord | None = None
-                   ) -> Response | UpstreamError:
+async def _attempt(flow: Flow, channel: Channel, index: int | None, timeout: float, send: Sender,
+                   left: float = math.inf) -> Response | UpstreamError:
     """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
+    gw = flow.gw
     provider = gw.config.providers[channel.provider]
     adapter = ADAPTERS[channel.engine]
     started = time.perf_counter()
 
     async def send_once() -> Response:
         token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
-        target = Target(provider, channel.upstream_model, provider.api_keys[index] if index >= 0 else "", token,
-                        time.time())
-        return await send(channel, adapter, target, timeout)
+        api_key = "" if index is None else provider.api_keys[index]
+        return await send(channel, adapter, Target(provider, channel.upstream_model, api_key, token, time.time()),
+                          timeout)
 
     try:
         response = await _within(None if left == math.inf else left, send_once())
     except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
         exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
-        _log_attempt(key, channel, index, exc.status, started, f"stopping: {exc.message}", record)
+        flow.log_attempt(channel, index, exc.status, started, f"stopping: {exc.message}")
         return exc
     except UpstreamError as exc:
         exc.message = _redact_secrets(exc.message, gw.config.secrets)
-        _log_attempt(key, channel, index, exc.status, started, f"moving on: {exc.message}", record)
+        flow.log_attempt(channel, index, exc.status, started, f"moving on: {exc.message}")
         return exc
-    gw.scheduler.record_success(channel)
-    _log_attempt(key, channel, index, response.status_code, started, "", record)
+    if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
+        await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
+    flow.log_attempt(channel, index, response.status_code, started, "")
     return response
 
 
@@ -1830,16 +2240,6 @@ async def _within(seconds: float | None, work: Awaitable[T]) -> T:
         return await asyncio.wait_for(work, seconds)
     async with asyncio.timeout(seconds):
         return await work
-
-
-def _log_attempt(key: ApiKey, channel: Channel, index: int, status: int, started: float, why: str,
-                 record: RequestRecord | None = None) -> None:
-    ms = (time.perf_counter() - started) * 1000
-    if record is not None:
-        record.add_attempt(channel, index, status, ms)
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("attempt key=%s provider=%s model=%s key_index=%d status=%d ms=%.1f %s", key.label,
-                    channel.provider, channel.upstream_model, index, status, ms, why)
 
 
 def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -> AllChannelsFailed:
@@ -1941,7 +2341,7 @@ async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
 async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
                     client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
     """Admission, then moderation when the key has it on, then the attempts."""
-    channels = admit(gw, key, model)
+    channels = await admitted_channels(gw, key, model)
     if key.moderation:
         await moderate(gw, key, face.user_text(body))
     return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
@@ -2113,6 +2513,7 @@ def render_status(gw: Gateway, now: float) -> str:
             f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
             f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
             f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
+            f"<p>{shared_state_line(gw)}</p>"
             f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
             f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
             f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
@@ -2349,7 +2750,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 async def stats_summary(request: Request) -> Response:
     gw = _admin(request)
     hours = _int_param(request, "hours", 24, 1, 24 * 366)
-    return JSONResponse(await gw.stats.summary(hours))
+    return JSONResponse({**await gw.stats.summary(hours), "instance": gw.instance})
 
 
 def _time_param(request: Request, name: str) -> float | None:
@@ -2397,7 +2798,7 @@ async def token_usage(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics; admin keys only, like /v1/stats (labels name providers and models, never keys)."""
     gw = _admin(request)
-    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling()))
+    text = render_metrics(gw.stats.metrics, len(gw.scheduler.cooling())) + render_shared_metrics(gw)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -2615,6 +3016,8 @@ async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.C
     except ConfigError as exc:
         logger.error("config reload failed, the running config stays: %s", exc)
         return False
+    if gateway.config.state != app.state.gateway.config.state:
+        logger.warning("config reload: changes to state: (shared state) take effect at the next start")
     app.state.gateway = gateway
     logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
     return True
@@ -2680,6 +3083,22 @@ async def config_reloading(app: Starlette, source: str | None, poll_s: float,
             await task
 
 
+def instance_id() -> str:
+    """$INSTANCE_ID, else hostname:pid: which worker or instance answered."""
+    return os.environ.get("INSTANCE_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def start_shared_state(options: StateOptions | None) -> SharedState | None:
+    """The Redis client for `state:`; an unreachable Redis is a warning, as on_error then decides each request."""
+    if options is None:
+        return None
+    shared = SharedState(options)
+    if await shared.ping():
+        logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
+                    options.prefix, options.on_error)
+    return shared
+
+
 async def _start_stats(stats: Stats) -> None:
     try:
         await stats.start()
@@ -2717,10 +3136,11 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         socks: dict[str, aiohttp.ClientSession] = {}
         stats = Stats(stats_options)
+        shared = await start_shared_state(config.state)
         try:
             await _start_stats(stats)
             base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
-                           TokenCache(session), socks, stats=stats)
+                           TokenCache(session), socks, stats=stats, shared=shared, instance=instance_id())
             try:
                 app.state.gateway = await build_gateway(config, base, socks)
             except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
@@ -2731,6 +3151,8 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
                 yield
         finally:
             await stats.close()
+            if shared is not None:
+                await shared.close()
             for open_session in (session, *socks.values()):
                 await open_session.close()
 
@@ -2846,6 +3268,125 @@ def _signals_exit_zero() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# --- Workers: one supervisor, N gateway processes accepting on one listening socket ---
+
+WORKER_RESTART_DELAY_S: Final = 1.0  # a worker that dies younger than this is replaced after this long
+_PR_SET_PDEATHSIG: Final = 1  # prctl(2)
+
+
+@dataclass(frozen=True, slots=True)
+class _Serve:
+    """What every worker serves: run()'s arguments plus the supervisor's listening socket."""
+
+    config: Config
+    host: str
+    port: int
+    source: str
+    grace_period: float
+    sock: socket.socket
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket all workers accept on, made before they are forked: a dying worker leaves it open, so no
+    connection is refused while its replacement starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def supervise(config: Config, host: str, port: int, source: str, grace_period: float, workers: int) -> int:
+    """Run `workers` gateway processes on one port: replace one that dies, forward SIGHUP (reload) to all, and
+    on SIGTERM/SIGINT forward SIGTERM so each drains within the grace period; returns 0 when all have ended."""
+    if not hasattr(os, "fork"):
+        print("error: --workers needs fork(), which this platform lacks", file=sys.stderr)
+        return STARTUP_FAILURE
+    try:
+        serve = _Serve(config, host, port, source, grace_period, listening_socket(host, port))
+        options = StatsOptions.from_env()
+        if options.path is not None:  # create and migrate it once, not in N workers at the same moment
+            StatsStore(options.path).close()
+    except (OSError, StatsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    supervisor = os.getpid()
+    children: dict[int, tuple[int, float]] = {}  # pid: (slot, started)
+    stopping: list[int] = []  # the stop signal, once one came
+
+    def forward(sig: int, frame: Any) -> None:
+        if os.getpid() != supervisor:  # a worker forked a moment ago, before it reset its handlers
+            return
+        if sig != signal.SIGHUP:
+            stopping.append(sig)
+            serve.sock.close()  # the workers' copies stay open until each has stopped accepting
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP if sig == signal.SIGHUP else signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    try:
+        for slot in range(workers):
+            children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
+        while children:
+            pid, status = os.wait()
+            slot, born = children.pop(pid, (-1, 0.0))
+            if slot < 0 or stopping:
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
+                           os.waitstatus_to_exitcode(status))
+            if time.monotonic() - born < WORKER_RESTART_DELAY_S:
+                time.sleep(WORKER_RESTART_DELAY_S)
+            if not stopping:
+                children[_fork_worker(serve, slot, fresh=True)] = (slot, time.monotonic())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.sock.close()
+    return 0
+
+
+def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    """Fork worker `slot`; in the child, serve until stopped and exit, never returning here."""
+    pid = os.fork()
+    if pid:
+        logger.info("worker %d started (pid %d)", slot, pid)
+        return pid
+    code = 1
+    try:
+        code = _worker(serve, slot, fresh=fresh)
+    except SystemExit as exc:  # SIGTERM's graceful end (see _signals_exit_zero)
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        logger.exception("worker %d failed", slot)
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop takes SIGHUP for reloads
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM to each
+    if sys.platform.startswith("linux"):  # end with the supervisor, even when it is killed outright
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if "INSTANCE_ID" in os.environ:
+        os.environ["INSTANCE_ID"] += f"/{slot}"
+    config = serve.config
+    if fresh:  # a replacement serves the config as it is now, as its siblings do after their reloads
+        try:
+            config = load_config(serve.source)
+        except ConfigError as exc:
+            logger.error("worker %d: config reload failed, serving the one the supervisor started with: %s", slot, exc)
+    return run(config, serve.host, serve.port, serve.source, serve.grace_period, serve.sock)
+
+
+
 # --- CLI ---
 
 
@@ -2870,6 +3411,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
+    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+                        help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
+    parser.add_argument("--allow-unshared-state", action="store_true",
+                        help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")
     return parser.parse_args(argv)
 
 
@@ -2897,11 +3442,12 @@ def warn_placeholders(config: Config) -> None:
 
 
 def run(config: Config, host: str, port: int, source: str | None = None,
-        grace_period: float = DEFAULT_GRACE_PERIOD) -> int:
+        grace_period: float = DEFAULT_GRACE_PERIOD, sock: socket.socket | None = None) -> int:
     """Serve `config` until interrupted; with `source`, reload it on SIGHUP and when the file changes.
 
     SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish for `grace_period` seconds,
-    then cancel what is left and return 0. Once listening it logs `startup_line`.
+    then cancel what is left and return 0. Once listening it logs `startup_line`. A worker serves `sock`, the
+    supervisor's listening socket.
     """
     import uvicorn
 
@@ -2915,12 +3461,13 @@ def run(config: Config, host: str, port: int, source: str | None = None,
                 logger.info("%s", startup_line(app.state.gateway, client_address(host, port), stats))
 
     protocol = slow_client_protocol(_env_float("HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT))
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info" if _debug() else "warning",
-                                   access_log=_debug(), lifespan="on", server_header=False, http=protocol,
-                                   timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # a float
+    server = Server(uvicorn.Config(
+        app, host=host, port=port, log_level="info" if _debug() else "warning", access_log=_debug(),
+        lifespan="on", server_header=False, http=protocol,
+        timeout_graceful_shutdown=grace_period))  # type: ignore[arg-type]  # uvicorn waits a float fine
     warn_placeholders(config)
     with _signals_exit_zero(), contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else STARTUP_FAILURE  # as uvicorn.run exits when the start failed
 
 
@@ -2951,6 +3498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for where in config.placeholders:
             print(f"warning: {where} is still the example's placeholder ({PLACEHOLDER})", file=sys.stderr)
         return 0
+    if args.workers > 1 and config.state is None and not args.allow_unshared_state:
+        print(f"error: --workers {args.workers} without shared state: each worker would keep its own rate limits"
+              f" (rate_limit 10/min would admit up to {10 * args.workers}/min), cooldowns and key benches. Set"
+              " state.redis_url in the config (or REDIS_URL), or pass --allow-unshared-state to accept that.",
+              file=sys.stderr)
+        return STARTUP_FAILURE
+    if args.workers > 1:
+        return supervise(config, args.host, args.port, source, args.grace_period, args.workers)
     return run(config, args.host, args.port, source, args.grace_period)
 
 

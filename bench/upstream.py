@@ -2,14 +2,17 @@
 
 Run as its own process: `python bench/upstream.py PORT [CPU]`. Paths /json/... always answer JSON and
 /sse/... always stream (so nginx, which cannot read bodies, can serve the same URLs); any other path
-decides by the request's `"stream": true`.
+decides by the request's `"stream": true`. /slow/COUNT/MS/... streams COUNT chunks MS milliseconds apart,
+each carrying the time it was sent (time.time()) as its content, for bench/capacity.py's lag measure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+import time
 
 from aiohttp import web
 
@@ -41,9 +44,28 @@ COMPLETION = completion_body()
 SSE = sse_events()
 
 
+def slow_frame(content: str) -> bytes:
+    chunk = {**BASE, "choices": [{"index": 0, "delta": {"content": content}, "logprobs": None, "finish_reason": None}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def slow_stream(request: web.Request, count: int, interval: float) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for _ in range(count):
+        await response.write(slow_frame(f"{time.time():.6f}"))
+        await asyncio.sleep(interval)
+    await response.write(SSE[-2] + SSE[-1])  # the finish chunk and [DONE]
+    await response.write_eof()
+    return response
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     kind = request.path.split("/", 2)[1]
+    if kind == "slow":
+        count, interval_ms = request.path.split("/")[2:4]
+        return await slow_stream(request, int(count), int(interval_ms) / 1000)
     stream = kind == "sse" or (kind != "json" and b'"stream":true' in body.replace(b" ", b""))
     if not stream:
         return web.Response(body=COMPLETION, content_type="application/json")

@@ -347,3 +347,16 @@ def simple_config(*upstreams: FakeUpstream, models: list[Any] | None = None, **k
     if key_prefs:
         key["preferences"] = key_prefs
     return {"providers": providers, "api_keys": [key]}
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[Any]:
+    """A started redis-server (tests/redis_server.py), killed afterwards; skips saying why when none is installed."""
+    from redis_server import BINARY, RedisServer
+
+    if BINARY is None:
+        pytest.skip("redis-server (or valkey-server) is not installed; .ci/run installs Debian's redis-server")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

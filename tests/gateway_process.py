@@ -17,7 +17,8 @@ import httpx
 from conftest import free_port, to_yaml
 
 SCRIPT = Path(__file__).resolve().parent.parent / "uni_api.py"
-CLEARED = ("CONFIG_URL", "HOST", "PORT", "TIMEOUT", "DEBUG", "DB_PATH", "GRACE_PERIOD", "HEADER_TIMEOUT")
+CLEARED = ("CONFIG_URL", "HOST", "PORT", "TIMEOUT", "DEBUG", "DB_PATH", "GRACE_PERIOD", "HEADER_TIMEOUT", "REDIS_URL",
+           "WORKERS", "INSTANCE_ID")
 
 
 class GatewayProcess:

@@ -62,3 +62,36 @@ def test_memory_layers_add_up_from_the_interpreter_to_the_gateway_modules() -> N
     assert rows[0][1] == rows[0][2] > 0
     assert rows[-1][1] == pytest.approx(sum(added for _, _, added in rows), abs=0.2)
     assert rows[-1][1] > rows[2][1] > rows[0][1]  # aiohttp and the rest weigh something
+
+
+def test_the_slow_stream_client_measures_each_chunks_lag_behind_the_upstream(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(BENCH / "upstream.py"), str(port)])
+    try:
+        bench.wait_port(port, upstream)
+        spec = {"host": "127.0.0.1", "port": port, "path": "/slow/3/20/v1/chat/completions", "streams": 5,
+                "ramp": 0.0, "headers": {}, "body": {"model": "m", "stream": True}}
+        out = subprocess.run([sys.executable, str(BENCH / "streams.py"), json.dumps(spec)], capture_output=True,
+                             text=True, timeout=20)
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert (result["completed"], result["errors"], result["chunks"]) == (5, 0, 10)  # each stream's first is its ttfb
+    assert 0 <= result["p50_lag_ms"] <= result["max_lag_ms"] < 1000
+    assert result["max_first_chunk_ms"] > 0
+
+
+def test_the_capacity_configs_share_state_only_with_a_redis_port(tmp_path: Path) -> None:
+    import capacity
+
+    import uni_api
+
+    alone = uni_api.parse_config(capacity.write_config(tmp_path, 1234, None).read_text(), "capacity.yaml")
+    shared = uni_api.parse_config(capacity.write_config(tmp_path, 1234, 6399).read_text(), "capacity.yaml")
+    assert alone.state is None
+    assert shared.state == uni_api.StateOptions("redis://127.0.0.1:6399/0", "bench")
+    assert alone.api_keys[0].rate_limits is not None  # both record a rate window, so they compare like for like
+    assert alone.providers["bench-slow"].base_url.endswith("/slow/100/100/v1/chat/completions")

@@ -92,7 +92,7 @@ def test_example_config_documents_every_schema_key(key: str) -> None:
 
 def test_example_config_documents_every_accepted_key() -> None:
     accepted = {*uni_api._PROVIDER_KEYS, *uni_api._PROVIDER_PREFS, *uni_api._KEY_KEYS, *uni_api._KEY_PREFS,
-                *uni_api._GLOBAL_PREFS, "providers", "api_keys"}
+                *uni_api._GLOBAL_PREFS, *uni_api._STATE_KEYS, "providers", "api_keys", "state"}
     text = EXAMPLE.read_text()
     assert [k for k in sorted(accepted) if not re.search(rf"(^|[\s#-]){re.escape(k)}:", text, re.M)] == []
 
@@ -248,6 +248,20 @@ ERRORS: list[tuple[str, str, str]] = [
      "api.yaml:6: api_keys[0].api: environment variable UNI_API_TEST_UNSET is not set"),
     ("unset variable in a weighted rule", PROVIDER + KEY + "    model:\n      - ${UNI_API_TEST_UNSET}/*: 2\n",
      "api.yaml:8: api_keys[0].model[0]: environment variable UNI_API_TEST_UNSET is not set"),
+    ("state is not a mapping", PROVIDER + KEY + "state: redis://x\n",
+     "api.yaml:7: state: expected a mapping, got a string"),
+    ("state without redis_url", PROVIDER + KEY + "state:\n  prefix: x\n",
+     "api.yaml:8: state: missing required key 'redis_url' (or set REDIS_URL)"),
+    ("unknown state key", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  bogus: 1\n",
+     "api.yaml:9: state.bogus: unknown key 'bogus'"),
+    ("state redis_url not a redis URL", PROVIDER + KEY + "state:\n  redis_url: http://h:6379\n",
+     "api.yaml:8: state.redis_url: expected a redis://, rediss:// or unix:// URL"),
+    ("state on_error neither open nor closed", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  on_error: maybe\n",
+     "api.yaml:9: state.on_error: expected open or closed, got 'maybe'"),
+    ("state timeout zero", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  timeout: 0\n",
+     "api.yaml:9: state.timeout: expected a number of seconds > 0"),
+    ("state prefix empty", PROVIDER + KEY + "state:\n  redis_url: redis://h\n  prefix: ''\n",
+     "api.yaml:9: state.prefix: expected a non-empty string"),
 ]
 
 
@@ -800,3 +814,17 @@ def test_max_body_size_refuses_what_it_cannot_read(written: str) -> None:
     message = error_of(PROVIDER + KEY + f"preferences:\n  max_body_size: {written}\n")
     assert message.startswith("api.yaml:8: preferences.max_body_size: expected ")
 
+
+
+def test_state_is_off_unless_configured_or_named_by_redis_url() -> None:
+    assert parse(PROVIDER + KEY).state is None
+    from_env = parse_config(PROVIDER + KEY, "api.yaml", env_redis_url="redis://cache:6379/0").state
+    assert from_env == uni_api.StateOptions("redis://cache:6379/0", "uni-api", "open", 0.25)
+
+
+def test_state_takes_its_url_from_redis_url_when_the_file_gives_none() -> None:
+    text = PROVIDER + KEY + "state:\n  prefix: eu\n  on_error: closed\n  timeout: 0.5\n"
+    state = parse_config(text, "api.yaml", env_redis_url="rediss://cache:6380").state
+    assert state == uni_api.StateOptions("rediss://cache:6380", "eu", "closed", 0.5)
+    assert parse_config(PROVIDER + KEY + "state:\n  redis_url: unix:///run/redis.sock\n", "api.yaml",
+                        env_redis_url="redis://ignored").state.redis_url == "unix:///run/redis.sock"

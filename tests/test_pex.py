@@ -191,7 +191,7 @@ def test_lock_pins_every_artifact_by_hash() -> None:
         for artifact in req["artifacts"]:
             assert artifact["algorithm"] == "sha256" and len(artifact["hash"]) == 64, artifact
             assert artifact["url"].startswith("https://files.pythonhosted.org/"), artifact["url"]
-    assert names >= {"starlette", "uvicorn", "aiohttp", "ruamel-yaml", "uvloop", "httptools", "orjson"}
+    assert names >= {"starlette", "uvicorn", "aiohttp", "ruamel-yaml", "uvloop", "httptools", "orjson", "redis"}
 
 
 def test_universal_platforms_accept_only_pure_wheels() -> None:
@@ -227,7 +227,7 @@ def test_pex_holds_the_app_and_nothing_else_of_the_repo(universal: Path) -> None
     assert info["entry_point"] == "uni_api:main"
     assert info["venv"] is True
     assert {d.split("-")[0].lower() for d in info["distributions"]} >= {"starlette", "uvicorn", "aiohttp",
-                                                                        "ruamel_yaml"}
+                                                                        "ruamel_yaml", "redis"}  # shared state
 
 
 def test_native_has_the_speedups(native: Path) -> None:

@@ -542,3 +542,42 @@ def test_expired_single_call_windows_are_dropped_by_later_calls() -> None:
         clock.advance(1)
         assert scheduler.admit(f"client-{second}", "m", table) == 0
     assert scheduler.state_size() <= 61
+
+
+# --- State kept elsewhere (shared state hands Redis's view over) ---
+
+
+def test_adopted_cooldowns_replace_the_local_ones_and_expire_on_their_own() -> None:
+    scheduler, clock = make()
+    scheduler.record_failure(B)
+    scheduler.adopt_cooldowns({A: 10.0, B: 0.0})  # another instance cooled A; B's cooldown ended there
+    assert scheduler.plan("k", [A, B, C], "fixed_priority") == [B, C]
+    clock.advance(10)
+    assert scheduler.plan("k", [A, B, C], "fixed_priority") == [A, B, C]
+
+
+def test_record_success_says_whether_it_ended_a_cooldown() -> None:
+    scheduler, _ = make()
+    scheduler.adopt_cooldowns({A: 5.0})
+    assert scheduler.record_success(A) is True
+    assert scheduler.record_success(A) is False
+
+
+def test_adopted_benches_leave_keys_out_until_they_end() -> None:
+    scheduler, clock = make()
+    pool = KeyPool("p", 3, "fixed_priority")
+    scheduler.adopt_benches("p", [30.0, 0.0, 5.0])
+    assert scheduler.key_order(pool) == [1]
+    clock.advance(5)
+    assert scheduler.key_order(pool, exclude=[1]) == [2]
+    scheduler.adopt_benches("p", [0.0, 0.0, 0.0])
+    assert scheduler.key_order(pool) == [0, 1, 2]
+
+
+def test_key_order_records_nothing_until_key_taken_moves_the_rotation() -> None:
+    scheduler, _ = make()
+    pool = KeyPool("p", 3, "round_robin")
+    assert scheduler.key_order(pool) == scheduler.key_order(pool) == [0, 1, 2]
+    scheduler.key_taken(pool, 1)
+    assert scheduler.key_order(pool) == [2, 0, 1]
+    assert scheduler.acquire_key(pool, "m") == 2  # acquire_key follows the same rotation
