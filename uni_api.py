@@ -2635,7 +2635,7 @@ async def count_tokens(request: Request) -> Response:
 # --- Gemini inbound ---
 # Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta
 # and /v1: models.generateContent, models.streamGenerateContent, models.countTokens, models.list and models.get.
-# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_error_shape). /v1/models
+# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_is_gemini_route). /v1/models
 # and /v1/models/{model} answer in Gemini's shape to a Gemini client (its key in x-goog-api-key or ?key=), else
 # in OpenAI's.
 
@@ -2702,11 +2702,11 @@ async def gemini_generate(request: Request) -> Response:
     face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
     naming it."""
     request.state.face = _GEMINI_FACE
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
     model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
     if verb not in _GEMINI_VERBS or not model:
         raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
     body = {**await read_json(request, gw.config.body_limit), "model": model,
             "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
     record = _track(request, key, model)
