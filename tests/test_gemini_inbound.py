@@ -602,6 +602,15 @@ def test_google_side_tools_get_a_400_naming_them_without_a_gemini_channel(famili
     assert gpt.received == []
 
 
+@pytest.mark.parametrize("auth", [{"headers": {"Authorization": "Bearer sk-client"}}, {"params": {"key": "sk-client"}},
+                                  {"headers": {"x-goog-api-key": "sk-client"}}])
+def test_keys_are_taken_from_bearer_query_or_goog_header(families: Families, auth: dict[str, Any]) -> None:
+    gateway, gpt = families[0], families[1]
+    gpt.enqueue(Reply(json=completion("ok")))
+    answer = httpx.post(gateway.url + "/v1/models/gpt-4o:generateContent", json=body(), **auth)
+    assert answer.status_code == 200 and answer.json()["candidates"][0]["content"]["parts"] == [{"text": "ok"}]
+
+
 def test_bad_request_bodies_get_googles_400(families: Families) -> None:
     answer = httpx.post(families[0].url + "/v1beta/models/gpt-4o:generateContent?key=sk-client",
                         json={"contents": "hi"})
