@@ -67,6 +67,7 @@ class Provider:
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: MappingProxyType({}))
     tools: bool = True
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    prompt_cache: bool = False  # preference prompt_cache: auto, cache breakpoints added for Claude channels
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class Target:
     api_key: str = ""
     token: str | None = None  # a pre-resolved OAuth token, for adapters whose auth needs one
     now: float = 0.0  # wall-clock seconds, for request signing; adapters never read the clock
+    betas: tuple[str, ...] = ()  # the client's `anthropic-beta` flags; Claude engines pass on those they take
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +324,6 @@ class Adapter:
     endpoints: ClassVar[frozenset[str]] = frozenset(_OPENAI_PATHS)
     default_base_url: ClassVar[str] = ""
     inline_images: ClassVar[bool] = False  # True: the gateway fetches http image URLs into data URIs first
-    client_headers: ClassVar[tuple[str, ...]] = ()  # forwarded from the client on a face's passthrough
     # Provider fields (Provider.extra) the engine cannot work without: parse_config refuses a provider that
     # lacks one, naming file, line and key, so no request ever finds out.
     requires: ClassVar[tuple[str, ...]] = ()
@@ -623,16 +624,50 @@ _CLAUDE_TURNS: Final = MappingProxyType(
 )
 
 
+# "Prompt caching": a `cache_control` breakpoint marks a block, and the prompt up to it (tools, then system, then
+# messages) is cached. OpenAI-format clients put it where Anthropic-compatible gateways take it: on content parts,
+# on a whole message (its last block gets it) and on a tool; all of these reach Claude. Thinking blocks cannot
+# carry one. At most 4 per request: the client's own are passed as given; prompt_cache: auto adds at most 3.
+_UNCACHEABLE: Final = frozenset({"thinking", "redacted_thinking"})
+CACHE_BREAKPOINT: Final[Mapping[str, str]] = MappingProxyType({"type": "ephemeral"})
+
+
+def _cache_last(blocks: list[dict[str, Any]], cache_control: Any) -> list[dict[str, Any]]:
+    """Put `cache_control` (a whole message's, when it has one) on the last of `blocks` that may carry it."""
+    cacheable = [block for block in blocks if block.get("type") not in _UNCACHEABLE]
+    if isinstance(cache_control, Mapping) and cacheable and "cache_control" not in cacheable[-1]:
+        cacheable[-1]["cache_control"] = dict(cache_control)
+    return blocks
+
+
+def _has_breakpoint(request: Mapping[str, Any]) -> bool:
+    blocks = [*request.get("tools", ()), *request.get("system", ()),
+              *(block for turn in request["messages"] for block in turn["content"])]
+    return any("cache_control" in block for block in blocks)
+
+
+def add_cache_breakpoints(request: dict[str, Any]) -> dict[str, Any]:
+    """prompt_cache: auto, for a request whose client set no breakpoint: one on the last tool, one on the last
+    system block and one on the last block of the last user turn (so each turn reads the cache the one before
+    wrote; "Prompt caching", "Caching multi-turn conversations")."""
+    if _has_breakpoint(request):
+        return request
+    users = [turn for turn in request["messages"] if turn["role"] == "user"]
+    for blocks in (request.get("tools") or [], request.get("system") or [], users[-1]["content"] if users else []):
+        _cache_last(blocks, CACHE_BREAKPOINT)
+    return request
+
+
 def to_claude_messages(messages: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system blocks, turns): every system message in order; neighbours of one role merged, user first."""
     system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.get("role") in ("system", "developer"):
-            system += to_claude_content(message.get("content"))
+            system += _cache_last(to_claude_content(message.get("content")), message.get("cache_control"))
             continue
         role, convert = _CLAUDE_TURNS.get(message.get("role"), ("user", _claude_user))
-        blocks = convert(message)
+        blocks = _cache_last(convert(message), message.get("cache_control"))
         if blocks and turns and turns[-1]["role"] == role:
             turns[-1]["content"] += blocks
         elif blocks:
@@ -652,6 +687,8 @@ def _claude_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
                  "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
     if function.get("description"):
         converted["description"] = function["description"]
+    if isinstance(tool.get("cache_control"), Mapping):  # a breakpoint after the tools ("Prompt caching")
+        converted["cache_control"] = dict(tool["cache_control"])
     return converted
 
 
@@ -724,10 +761,14 @@ def to_claude_request(body: Mapping[str, Any], tools: bool = True) -> dict[str, 
 
 
 def claude_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """prompt_tokens counts fresh, cache-written and cache-read input; cache reads are the cached tokens."""
+    """prompt_tokens counts fresh, cache-written and cache-read input; cache reads are the cached tokens, and
+    cache writes keep Anthropic's name, `cache_creation_input_tokens` (as Anthropic-compatible gateways show it)."""
     prompt = sum(int(usage.get(name) or 0)
                  for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"))
-    return build_usage(prompt, int(usage.get("output_tokens") or 0), cached=usage.get("cache_read_input_tokens"))
+    converted = build_usage(prompt, int(usage.get("output_tokens") or 0), cached=usage.get("cache_read_input_tokens"))
+    if usage.get("cache_creation_input_tokens") is not None:
+        converted["cache_creation_input_tokens"] = int(usage["cache_creation_input_tokens"])
+    return converted
 
 
 def _claude_error(native: Any) -> UpstreamError:
@@ -814,6 +855,11 @@ def _claude_root(base_url: str) -> str:
     return root if root.endswith("/v1") else root + "/v1"
 
 
+def parse_betas(header: str | None) -> tuple[str, ...]:
+    """An `anthropic-beta` header ("Beta headers": comma-separated feature names) as its distinct names."""
+    return tuple(dict.fromkeys(name.strip() for name in (header or "").split(",") if name.strip()))
+
+
 class ClaudeAdapter(Adapter):
     """Anthropic Messages API; vertex-claude and aws inherit the conversion and change the envelope only."""
 
@@ -828,11 +874,16 @@ class ClaudeAdapter(Adapter):
 
     def headers(self, target: Target) -> dict[str, str]:
         headers = {"x-api-key": target.api_key, "anthropic-version": ANTHROPIC_VERSION}
+        if target.betas:  # "Beta headers": the client's flags go on as one comma-separated header
+            headers["anthropic-beta"] = ",".join(target.betas)
         headers.update(target.provider.headers)
         return headers
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
-        return self.apply_overrides(self.envelope(to_claude_request(body, target.provider.tools), target), target)
+        request = to_claude_request(body, target.provider.tools)
+        if target.provider.prompt_cache:
+            add_cache_breakpoints(request)
+        return self.apply_overrides(self.envelope(request, target), target)
 
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         return {"model": target.upstream_model, **request}
@@ -1035,6 +1086,10 @@ async def iter_aws_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEven
             raise _bedrock_stream_error(headers, payload)
 
 
+# Flags naming the client (Claude Code) or its claude.ai sign-in: features of Anthropic's own API that Bedrock's
+# SigV4 path has no use for, so they are not passed on as anthropic_beta.
+_BEDROCK_SKIPPED_BETAS: Final = frozenset({"claude-code-20250219", "oauth-2025-04-20"})
+
 # Stream framing by Adapter.stream_format: server-sent events, or AWS event-stream messages (Bedrock).
 FRAMERS: Final[Mapping[StreamFormat, Callable[[AsyncIterator[bytes]], AsyncIterator[SSEEvent]]]] = MappingProxyType(
     {"sse": iter_sse, "aws": iter_aws_events}
@@ -1078,6 +1133,9 @@ class BedrockAdapter(ClaudeAdapter):
 
     def envelope(self, request: dict[str, Any], target: Target) -> dict[str, Any]:
         request.pop("stream", None)  # the operation, not the body, chooses streaming on Bedrock
+        betas = [*(request.get("anthropic_beta") or ()), *(b for b in target.betas if b not in _BEDROCK_SKIPPED_BETAS)]
+        if betas:  # "Request and Response": betas ride in the body, as `anthropic_beta`, the headers being signed
+            request["anthropic_beta"] = list(dict.fromkeys(betas))
         return {"anthropic_version": self.ANTHROPIC_VERSION, **request}
 
     def parse_error(self, status: int, body: bytes, retry_after: float | None = None) -> UpstreamError:
@@ -2454,12 +2512,13 @@ def from_messages_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_messages_usage(usage: Any) -> dict[str, Any]:
-    """CompletionUsage as Messages usage: input_tokens leaves out the cache reads, which are counted apart."""
+    """CompletionUsage as Messages usage: input_tokens leaves out the cache reads and writes, counted apart."""
     usage = usage if isinstance(usage, Mapping) else {}
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return {"input_tokens": max(0, int(usage.get("prompt_tokens") or 0) - cached),
+    written = int(usage.get("cache_creation_input_tokens") or 0)
+    return {"input_tokens": max(0, int(usage.get("prompt_tokens") or 0) - cached - written),
             "output_tokens": int(usage.get("completion_tokens") or 0),
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+            "cache_creation_input_tokens": written, "cache_read_input_tokens": cached}
 
 
 def _messages_stop(choice: Mapping[str, Any], called: bool, stop_sequences: tuple[str, ...]) -> tuple[str, str | None]:
@@ -2638,7 +2697,6 @@ class MessagesAdapter(ClaudeAdapter):
     """A Messages API body sent as it came: only the engine's envelope changes (the model, or for Vertex and
     Bedrock anthropic_version in its place). The variants below inherit it."""
 
-    client_headers = ("anthropic-beta",)
     counts_tokens: ClassVar[bool] = True
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
@@ -2653,13 +2711,11 @@ class MessagesAdapter(ClaudeAdapter):
 
 
 class VertexMessagesAdapter(MessagesAdapter, VertexClaudeAdapter):
-    client_headers = ()
-    counts_tokens = False
+    counts_tokens = False  # and no anthropic-beta: VertexClaudeAdapter.headers leaves Target.betas out
 
 
 class BedrockMessagesAdapter(MessagesAdapter, BedrockAdapter):
-    client_headers = ()  # headers are signed; Bedrock takes betas in the body (anthropic_beta)
-    counts_tokens = False
+    counts_tokens = False  # Target.betas go in the body, as anthropic_beta (BedrockAdapter.envelope)
 
 
 MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(

@@ -375,12 +375,14 @@ _PROVIDER_KEYS: Final = ("provider", "base_url", "api", "model", "tools", "engin
 _PROVIDER_EXTRA: Final = ("project_id", "private_key", "client_email", "region", "token_uri", "cf_account_id",
                           "aws_access_key", "aws_secret_key", "api_version")
 _PROVIDER_PREFS: Final = ("api_key_rate_limit", "api_key_cooldown_period", "api_key_schedule_algorithm",
-                          "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides")
+                          "model_timeout", "cooldown_period", "proxy", "headers", "post_body_parameter_overrides",
+                          "prompt_cache")
 _KEY_KEYS: Final = ("api", "model", "role", "preferences")
 _KEY_PREFS: Final = ("SCHEDULING_ALGORITHM", "AUTO_RETRY", "rate_limit", "ENABLE_MODERATION")
 _STATE_KEYS: Final = ("redis_url", "prefix", "on_error", "timeout")
 _GLOBAL_PREFS: Final = ("model_timeout", "cooldown_period", "rate_limit", "error_triggers", "proxy",
-                        "max_body_size", "request_timeout")
+                        "max_body_size", "request_timeout", "prompt_cache")
+PROMPT_CACHE_MODES: Final = ("off", "auto")  # auto: cache breakpoints added for Claude channels (adapters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +391,7 @@ class _Globals:
     cooldown_s: float
     rate_limits: ModelTable[tuple[RateLimit, ...]] | None
     proxy: str | None
+    prompt_cache: bool
 
 
 def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
@@ -408,7 +411,7 @@ def parse_config(text: str, source: str, env_timeout: float = DEFAULT_TIMEOUT,
     prefs = root.mapping("preferences") or _Node(CommentedMap(), "preferences", source)
     prefs.check_keys(_GLOBAL_PREFS)
     glob = _Globals(_timeouts(prefs, "model_timeout"), _seconds(prefs, "cooldown_period", DEFAULT_COOLDOWN),
-                    _rate_table(prefs, "rate_limit"), _proxy(prefs, "proxy"))
+                    _rate_table(prefs, "rate_limit"), _proxy(prefs, "proxy"), _prompt_cache(prefs, False))
     providers: dict[str, Provider] = {}
     policies: dict[str, Policy] = {}
     for path, item, line in root.items("providers"):
@@ -472,7 +475,7 @@ def _placeholders(value: Any, source: str, path: str, line: int) -> Iterator[str
 def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     node = root.mapping("state")
     if node is None:
-        return StateOptions(env_redis_url) if env_redis_url else None
+        return _redis_installed(root, StateOptions(env_redis_url)) if env_redis_url else None
     node.check_keys(_STATE_KEYS)
     url = node.get("redis_url", str, env_redis_url)
     if not url:
@@ -488,7 +491,13 @@ def _parse_state(root: _Node, env_redis_url: str | None) -> StateOptions | None:
     timeout = _seconds(node, "timeout", DEFAULT_STATE_TIMEOUT)
     if timeout <= 0:
         raise node.error("expected a number of seconds > 0", "timeout")
-    return StateOptions(url, prefix, on_error, timeout)
+    return _redis_installed(node, StateOptions(url, prefix, on_error, timeout))
+
+
+def _redis_installed(node: _Node, options: StateOptions) -> StateOptions:
+    if importlib.util.find_spec("redis") is None:
+        raise node.error("shared state needs the package redis (pip install redis; it is in requirements.txt)")
+    return options
 
 
 def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
@@ -522,6 +531,7 @@ def _parse_provider(node: _Node, glob: _Globals) -> tuple[Provider, Policy]:
         overrides=_overrides(prefs),
         tools=node.get("tools", bool, True),
         extra=MappingProxyType(extra),
+        prompt_cache=_prompt_cache(prefs, glob.prompt_cache),
     )
     for required in ADAPTERS[provider.engine].requires:  # checked here so that no request finds out
         if not extra.get(required):
@@ -582,6 +592,14 @@ def _plain(value: Any) -> Any:
         if isinstance(value, kind):
             return kind(value)
     return value
+
+
+def _prompt_cache(node: _Node, default: bool) -> bool:
+    mode = node.get("prompt_cache", (str, bool))
+    mode = ("auto" if mode else "off") if isinstance(mode, bool) else mode  # true/false read as auto/off
+    if mode is not None and mode not in PROMPT_CACHE_MODES:
+        raise node.error(f"expected one of {', '.join(PROMPT_CACHE_MODES)}", "prompt_cache")
+    return default if mode is None else mode == "auto"
 
 
 def _seconds(node: _Node, key: str, default: float) -> float:
@@ -722,6 +740,9 @@ def summarize(config: Config) -> str:
         lines.append(f"  provider {provider.name} [{provider.engine}] {len(provider.api_keys)} key(s): {models}")
     for key in config.api_keys:
         lines.append(f"  key {key.label} role={key.role} {key.strategy}: {len(key.rules)} rule(s)")
+    if config.state is not None:
+        lines.append(f"  shared state: Redis at {_redis_where(config.state.redis_url)}, prefix {config.state.prefix},"
+                     f" on_error {config.state.on_error}")
     return "\n".join(lines)
 
 
@@ -946,7 +967,8 @@ _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TRUE_WORDS: Final = ("1", "true", "yes", "on")
 
 # Each version's statements, applied in order from the file's PRAGMA user_version up, each in one transaction.
-# v1: requests and attempts; v2: request ids on both, a key fingerprint (for "own usage" queries) and cached tokens.
+# v1: requests and attempts; v2: request ids on both, a key fingerprint (for "own usage" queries) and cached tokens;
+# v3: tokens written to a prompt cache (Anthropic's cache_creation_input_tokens).
 _MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = MappingProxyType({
     1: ("CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,"
         " provider TEXT NOT NULL, upstream_model TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,"
@@ -961,6 +983,7 @@ _MIGRATIONS: Final[Mapping[int, tuple[str, ...]]] = MappingProxyType({
         "ALTER TABLE requests ADD COLUMN key_hash TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE requests ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE attempts ADD COLUMN request_id TEXT NOT NULL DEFAULT ''"),
+    3: ("ALTER TABLE requests ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0",),
 })
 SCHEMA_VERSION: Final = max(_MIGRATIONS)
 
@@ -1004,6 +1027,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_creation_tokens: int = 0
     attempts: list[tuple[str, str, int, int, float]] = field(default_factory=list)  # provider, model, key, status, ms
 
     def add_attempt(self, channel: Channel, index: int | None, status: int, ms: float) -> None:
@@ -1018,6 +1042,7 @@ class RequestRecord:
             self.completion_tokens = _count(usage.get("completion_tokens"))
             details = usage.get("prompt_tokens_details")
             self.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+            self.cache_creation_tokens = _count(usage.get("cache_creation_input_tokens"))
 
 
 def _count(value: Any) -> int:
@@ -1029,8 +1054,8 @@ def _record_rows(record: RequestRecord) -> tuple[tuple[Any, ...], list[tuple[Any
     label, key_hash = (key.label, _digest(key.token).hex()[:16]) if key else ("", "")
     request = (record.wall, label, key_hash, record.model[:200], record.provider, record.upstream_model[:200],
                record.endpoint[:200], record.status, record.total_ms, record.first_byte_ms, record.prompt_tokens,
-               record.completion_tokens, record.cached_tokens, len(record.attempts), record.client_ip,
-               record.request_id)
+               record.completion_tokens, record.cached_tokens, record.cache_creation_tokens, len(record.attempts),
+               record.client_ip, record.request_id)
     attempts = [(record.wall, p, m[:200], i, s, ms, record.request_id) for p, m, i, s, ms in record.attempts]
     return request, attempts
 
@@ -1064,7 +1089,8 @@ class StatsStore:
         with _transaction(self._writer) as db:
             db.executemany("INSERT INTO requests (time, key, key_hash, model, provider, upstream_model, endpoint,"
                            " status, total_ms, first_byte_ms, prompt_tokens, completion_tokens, cached_tokens,"
-                           " attempts, client_ip, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           " cache_creation_tokens, attempts, client_ip, request_id)"
+                           " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            [request for request, _ in rows])
             db.executemany("INSERT INTO attempts (time, provider, model, key_index, status, ms, request_id)"
                            " VALUES (?,?,?,?,?,?,?)", [a for _, attempts in rows for a in attempts])
@@ -1320,11 +1346,13 @@ class Stats:
             params.append(model)
         rows = await self.query(
             "SELECT key, model, SUM(prompt_tokens) AS prompt, SUM(completion_tokens) AS completion,"
-            " SUM(cached_tokens) AS cached, COUNT(*) AS count FROM requests WHERE " + " AND ".join(where)
+            " SUM(cached_tokens) AS cached, SUM(cache_creation_tokens) AS written, COUNT(*) AS count"
+            " FROM requests WHERE " + " AND ".join(where)
             + " GROUP BY key_hash, key, model ORDER BY key, model", params)
         return [{"api_key_prefix": r["key"], "model": r["model"], "total_prompt_tokens": r["prompt"],
                  "total_completion_tokens": r["completion"], "total_tokens": r["prompt"] + r["completion"],
-                 "total_cached_tokens": r["cached"], "request_count": r["count"]} for r in rows]
+                 "total_cached_tokens": r["cached"], "total_cache_creation_tokens": r["written"],
+                 "request_count": r["count"]} for r in rows]
 
 
 def _rates(rows: Sequence[sqlite3.Row], names: Sequence[str]) -> list[dict[str, Any]]:
@@ -1537,14 +1565,16 @@ def _json_response(body: bytes, status: int = 200) -> Response:
 def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
                 record: RequestRecord | None = None) -> Sender:
     """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
-    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face."""
+    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face. Of
+    `client_headers`, anthropic-beta reaches the Claude channels that take it ("Beta headers")."""
     converted: list[Sender] = []
+    betas = adapters.parse_betas(client_headers.get("anthropic-beta"))
 
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        target = replace(target, betas=betas) if betas else target  # Claude engines pass on those they take
         native = face.native.get(channel.engine)
         if native is not None:
-            return await native_attempt(gw, face, native, body, model, client_headers, record, channel, target,
-                                        timeout)
+            return await native_attempt(gw, face, native, body, model, record, channel, target, timeout)
         if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
             converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
         return await converted[0](channel, adapter, target, timeout)
@@ -1739,7 +1769,8 @@ async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> Asyn
 
 # KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
 # ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
-# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key.
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key, comma-separated
+# (one string is parsed far faster by redis-py than an array of integers).
 _ADMIT_LUA: Final = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + t[2] / 1000
@@ -1762,7 +1793,7 @@ if wait == 0 then
 end
 local out = {math.ceil(wait)}
 for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
-return out
+return table.concat(out, ',')
 """
 # KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
 # window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
@@ -1831,56 +1862,64 @@ class SharedState:
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Future[None]] = set()
         self._retry_at = self._warned_at = -math.inf
-        self._member = f"{os.urandom(6).hex()}:"  # + a counter: unique per request across instances
+        self._member = os.urandom(6).hex().encode() + b":"  # + a counter: unique per request across instances
         self._count = 0
-        self._names: dict[tuple[str, ...], str] = {}
+        # Arguments go to redis-py as bytes: its pure-Python packer then copies them instead of converting each.
+        self._names: dict[tuple[str, ...], bytes] = {}
 
-    def name(self, kind: str, *parts: str) -> str:
-        """`{prefix}:kind:fingerprint`; the prefix in braces keeps every key in one Redis Cluster slot."""
+    def name(self, kind: str, *parts: str) -> bytes:
+        """`{prefix}:kind:fingerprint`. The braces make the prefix a hash tag: all keys one script touches fall
+        in one slot, as Redis Cluster proxies require."""
         found = self._names.get((kind, *parts))
         if found is None:
             if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
                 self._names.clear()
             digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
-            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}"
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}".encode()
         return found
 
-    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[str]:
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[bytes]:
         """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
         entry, limits = found
         return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
 
-    async def admit(self, windows: Sequence[str], limits: Sequence[RateLimit],
-                    ttl_keys: Sequence[str]) -> list[int] | None:
+    async def admit(self, windows: Sequence[bytes], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[bytes]) -> list[int] | None:
         """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
         keys = [*windows, *ttl_keys]
-        return await self._call("EVALSHA", _SHA["admit"], len(keys), *keys, len(windows), self._next_member(),
-                                *_limit_args(limits))
+        found = await self._call(b"EVALSHA", _SHA["admit"], b"%d" % len(keys), *keys, b"%d" % len(windows),
+                                 self._next_member(), *_limit_args(limits))
+        return None if found is None else [int(number) for number in found.split(b",")]
 
-    async def acquire(self, candidates: Sequence[tuple[str, list[str]]], limits: Sequence[RateLimit]) -> int | None:
+    async def acquire(self, candidates: Sequence[tuple[bytes, list[bytes]]], limits: Sequence[RateLimit]) -> int | None:
         """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
         keys = [name for bench, names in candidates for name in (bench, *names)]
-        found = await self._call("EVALSHA", _SHA["acquire"], len(keys), *keys, len(limits), self._next_member(),
-                                 *_limit_args(limits))
+        found = await self._call(b"EVALSHA", _SHA["acquire"], b"%d" % len(keys), *keys, b"%d" % len(limits),
+                                 self._next_member(), *_limit_args(limits))
         return None if found is None else int(found) - 1
 
-    async def cool(self, name: str, seconds: float) -> None:
+    async def cool(self, name: bytes, seconds: float) -> None:
         """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
-        await self._call("EVALSHA", _SHA["cool"], 1, name, math.ceil(seconds * 1000))
+        await self._call(b"EVALSHA", _SHA["cool"], b"1", name, b"%d" % math.ceil(seconds * 1000))
 
-    async def clear(self, name: str) -> None:
+    async def clear(self, name: bytes) -> None:
         await self._call("DEL", name)
 
     async def ping(self) -> bool:
         return await self._call("PING") is not None
 
+    def refuse_when_closed(self) -> None:
+        """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
+        if self.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+
     async def close(self) -> None:
         closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
         await closing()
 
-    def _next_member(self) -> str:
+    def _next_member(self) -> bytes:
         self._count += 1
-        return f"{self._member}{self._count}"
+        return b"%s%d" % (self._member, self._count)
 
     async def _call(self, *command: Any) -> Any:
         """One command, sent with the others of this turn of the event loop."""
@@ -1957,12 +1996,12 @@ class SharedState:
 
 
 _SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
-_SHA: Final[Mapping[str, str]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
-    name: hashlib.sha1(text.encode()).hexdigest() for name, text in _SCRIPTS.items()})
+_SHA: Final[Mapping[str, bytes]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in _SCRIPTS.items()})
 
 
-def _limit_args(limits: Sequence[RateLimit]) -> list[float]:
-    return [value for limit in limits for value in (limit.count, limit.window_s * 1000)]
+def _limit_args(limits: Sequence[RateLimit]) -> list[bytes]:
+    return [b"%d" % value for limit in limits for value in (limit.count, math.ceil(limit.window_s * 1000))]
 
 
 def _redis_where(url: str) -> str:
@@ -2010,8 +2049,7 @@ async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str
     benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
     answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
     if answer is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.admit(key.token, model, limits)
     wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
     gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
@@ -2034,8 +2072,7 @@ async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: st
                    shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
     position = await shared.acquire(candidates, found[1]) if order else -1
     if position is None:
-        if shared.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+        shared.refuse_when_closed()
         return gw.scheduler.acquire_key(pool, model, tried)
     if position < 0:
         return None
@@ -2535,13 +2572,9 @@ async def status_page(request: Request) -> Response:
 
 
 async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
-                         client_headers: Mapping[str, str], record: RequestRecord | None, channel: Channel,
-                         target: Target, timeout: float) -> Response:
+                         record: RequestRecord | None, channel: Channel, target: Target, timeout: float) -> Response:
     triggers = gw.config.error_triggers
     request = native.build_request(body, target)
-    forwarded = {name: client_headers[name] for name in native.client_headers if name in client_headers}
-    if forwarded:
-        request = replace(request, headers={**request.headers, **forwarded})
     response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
     try:
         await _check_status(response, native, timeout)
@@ -3326,6 +3359,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     logger.info("supervisor (pid %d): %d workers on %s:%d", supervisor, workers, host, port)
+    result = 0
     try:
         for slot in range(workers):
             children[_fork_worker(serve, slot, fresh=False)] = (slot, time.monotonic())
@@ -3334,8 +3368,13 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
             slot, born = children.pop(pid, (-1, 0.0))
             if slot < 0 or stopping:
                 continue
-            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid,
-                           os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            if code == STARTUP_FAILURE:  # its lifespan failed (stats file, models): a new one would fail alike
+                logger.error("worker %d (pid %d) could not start; stopping the others", slot, pid)
+                forward(signal.SIGTERM, None)
+                result = STARTUP_FAILURE
+                continue
+            logger.warning("worker %d (pid %d) ended with %d; starting another", slot, pid, code)
             if time.monotonic() - born < WORKER_RESTART_DELAY_S:
                 time.sleep(WORKER_RESTART_DELAY_S)
             if not stopping:
@@ -3344,7 +3383,7 @@ def supervise(config: Config, host: str, port: int, source: str, grace_period: f
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         serve.sock.close()
-    return 0
+    return result
 
 
 def _fork_worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
@@ -3400,6 +3439,12 @@ def speedups() -> list[str]:
     return active
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="uni-api", description="One OpenAI-compatible endpoint for many LLMs.")
     parser.add_argument("--config", help="api.yaml path or http(s) URL (default: $CONFIG_URL, then ./api.yaml)")
@@ -3411,7 +3456,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=_env_float("GRACE_PERIOD", DEFAULT_GRACE_PERIOD),
                         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT "
                              "(default $GRACE_PERIOD, then 30)")
-    parser.add_argument("--workers", type=int, default=os.environ.get("WORKERS") or "1",
+    parser.add_argument("--workers", type=_positive_int, default=os.environ.get("WORKERS") or "1",
                         help="gateway processes serving the port, under one supervisor (default $WORKERS, then 1)")
     parser.add_argument("--allow-unshared-state", action="store_true",
                         help="allow --workers > 1 without state: (each worker then keeps its own limits and cooldowns)")

@@ -2,15 +2,19 @@
 adds per request, and how many slow streams one worker carries.
 
     python bench/capacity.py            # default run (about two minutes)
-    python bench/capacity.py --quick    # a few seconds per cell, 100 streams for 3 s
+    python bench/capacity.py --quick    # a few seconds per cell, 50 and 100 streams for 3 s
 
 Non-stream cells (chat completions at concurrency 64 from bench/loadgen.py against bench/upstream.py):
     one worker, in memory     the default setup
     one worker, Redis         `state:` on a local redis-server; its gateway CPU per request minus the cell above
                               is what shared state adds (both set a rate_limit, so both record one window)
     two workers, Redis        `--workers 2`
-Stream cell: N streams through one worker (default 1,000), each one chunk every 100 ms for 10 s; the most any
-chunk arrived behind the upstream's send time (after each stream's first chunk) and the worker's peak RSS.
+Stream cells: 250, 500 and 1,000 concurrent streams through one worker, each one chunk every 100 ms for 10 s;
+the most any chunk arrived behind the upstream's send time (after each stream's first chunk) and the worker's
+peak RSS. The most streams with no chunk later than 50 ms is what one worker sustains. The largest count
+straight from the upstream gives the lag the measuring setup has on its own.
+Shared-state micro-benchmark: the CPU one admission costs in-process (Scheduler.admit, then SharedState.admit
+one at a time and 16 at once, as concurrent requests share a pipeline), without the noise of a whole gateway.
 Nothing is pinned to a core: two workers need both. Redis cells need redis-server (or valkey-server) and are
 skipped without. Everything binds 127.0.0.1; every process started here is killed on exit. Writes
 bench/capacity.json.
@@ -108,23 +112,59 @@ def rps_cell(procs: bench.Procs, port: int, pids: list[int], redis_pid: int | No
             "redis_cpu_ms_per_request": per_request(spent[-1]) if redis_pid else None}
 
 
-def stream_cell(procs: bench.Procs, port: int, pid: int, streams: int, chunks: int) -> dict[str, Any]:
-    """`streams` concurrent slow streams opened over one second; lag figures from bench/streams.py."""
-    spec = {"host": "127.0.0.1", "port": port, "path": "/v1/chat/completions", "streams": streams, "ramp": 1.0,
+def stream_cell(procs: bench.Procs, port: int, pid: int | None, streams: int, chunks: int,
+                path: str = "/v1/chat/completions") -> dict[str, Any]:
+    """`streams` concurrent slow streams opened over one second; lag figures from bench/streams.py, and the CPU
+    and memory of `pid` (the gateway) when given."""
+    spec = {"host": "127.0.0.1", "port": port, "path": path, "streams": streams, "ramp": 1.0,
             "headers": {"Authorization": f"Bearer {bench.KEY}"},
             "body": {"model": "bench-slow", "stream": True, "messages": [{"role": "user", "content": "hi"}]}}
-    before = bench.cpu_seconds(pid)
+    before = bench.cpu_seconds(pid) if pid else 0.0
     out = subprocess.run([sys.executable, str(HERE / "streams.py"), json.dumps(spec)], capture_output=True,
                          text=True, timeout=60 + chunks * SLOW["interval_ms"] / 1000)
     if out.returncode:
         raise RuntimeError(f"bench/streams.py failed:\n{out.stderr[-2000:]}")
     result = json.loads(out.stdout.splitlines()[-1])
-    result.update(bench.memory_mb(pid), gateway_cpu_s=round(bench.cpu_seconds(pid) - before, 2))
+    if pid:
+        result.update(bench.memory_mb(pid), gateway_cpu_s=round(bench.cpu_seconds(pid) - before, 2))
+    return result
+
+
+def shared_state_microbench(redis_port: int, count: int) -> dict[str, float]:
+    """CPU microseconds per admission: in memory, then through Redis one at a time and 16 at once."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT))
+    import scheduler
+    import uni_api
+
+    limits = scheduler.parse_rate_limits(RATE_LIMIT)
+    table = scheduler.ModelTable({}, default=limits)
+    memory = scheduler.Scheduler()
+    started = time.process_time()
+    for _ in range(count):
+        memory.admit("sk-bench", "m", table)
+    result = {"in_memory_us": round(1e6 * (time.process_time() - started) / count, 1)}
+
+    async def through_redis() -> None:
+        shared = uni_api.SharedState(uni_api.StateOptions(f"redis://127.0.0.1:{redis_port}/0", "micro"))
+        windows = shared.windows(("client", "sk-bench"), ("default", limits))
+        ttls = [shared.name("cool", "p", "m"), shared.name("bench", "p", "k")]
+        await shared.admit(windows, limits, ttls)  # loads the script
+        for together in (1, 16):
+            started = time.process_time()
+            for _ in range(count // together):
+                await asyncio.gather(*(shared.admit(windows, limits, ttls) for _ in range(together)))
+            result[f"redis_c{together}_us"] = round(1e6 * (time.process_time() - started) / count, 1)
+        assert shared.errors == 0, "Redis did not answer"
+        await shared.close()
+
+    asyncio.run(through_redis())
     return result
 
 
 def measure(procs: bench.Procs, tmp: Path, up_port: int, redis: tuple[subprocess.Popen, int] | None, *,
-            warmup: float, duration: float, streams: int) -> dict[str, Any]:
+            warmup: float, duration: float, streams: tuple[int, ...]) -> dict[str, Any]:
     log = tmp / "gateway.log"
     cells: dict[str, Any] = {}
     setups = [("one worker, in memory", None, 1)]
@@ -136,21 +176,28 @@ def measure(procs: bench.Procs, tmp: Path, up_port: int, redis: tuple[subprocess
                                 warmup=warmup, duration=duration)
         print(f"  {label}: {cells[label]['rps']:.0f} req/s", file=sys.stderr, flush=True)
         if label == "one worker, in memory":
-            cells["streams"] = stream_cell(procs, port, proc.pid, streams, SLOW["chunks"])
-            print(f"  {streams} slow streams: max lag {cells['streams']['max_lag_ms']} ms", file=sys.stderr)
+            for count in streams:  # smallest first: the worker's peak RSS then belongs to the largest
+                cells[f"{count} streams"] = stream_cell(procs, port, proc.pid, count, SLOW["chunks"])
+                print(f"  {count} slow streams: max lag {cells[f'{count} streams']['max_lag_ms']} ms", file=sys.stderr)
+            slow = f"/slow/{SLOW['chunks']}/{SLOW['interval_ms']}/v1/chat/completions"
+            direct = cells[f"{streams[-1]} streams, direct"] = stream_cell(procs, up_port, None, streams[-1],
+                                                                         SLOW["chunks"], slow)
+            print(f"  the same, direct: max lag {direct['max_lag_ms']} ms", file=sys.stderr)
         procs.stop(proc)
     return cells
 
 
-def summarize(cells: dict[str, Any]) -> dict[str, Any]:
+def summarize(cells: dict[str, Any], counts: tuple[int, ...]) -> dict[str, Any]:
     memory, shared = cells["one worker, in memory"], cells.get("one worker, Redis")
     two = cells.get("two workers, Redis")
     added = None if shared is None else round(
         shared["gateway_cpu_ms_per_request"] - memory["gateway_cpu_ms_per_request"], 4)
-    streams = cells["streams"]
+    streams = cells[f"{counts[-1]} streams"]
+    sustained = [n for n in counts if cells[f"{n} streams"]["max_lag_ms"] <= TARGETS["stream_max_lag_ms"]]
     return {"shared_state_cpu_ms_per_request": added,
             "two_workers_speedup": None if two is None or shared is None else round(two["rps"] / shared["rps"], 2),
             "stream_max_lag_ms": streams["max_lag_ms"], "stream_peak_rss_mb": streams.get("VmHWM"),
+            "streams_sustained": max(sustained, default=None),
             "targets": {name: {"target": limit, "met": None if (value := {
                 "shared_state_cpu_ms_per_request": added, "stream_max_lag_ms": streams["max_lag_ms"],
                 "stream_peak_rss_mb": streams.get("VmHWM")}[name]) is None else value < limit}
@@ -160,22 +207,24 @@ def summarize(cells: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per cell, 100 streams")
-    parser.add_argument("--streams", type=int, help="concurrent slow streams (default 1000, quick 100)")
+    parser.add_argument("--streams", help="concurrent slow streams, comma-separated (default 250,500,1000)")
     parser.add_argument("--output", default=str(HERE / "capacity.json"))
     args = parser.parse_args(argv)
     warmup, duration = (0.5, 2.0) if args.quick else (2.0, 8.0)
-    streams = args.streams or (100 if args.quick else 1000)
+    streams = tuple(sorted(int(n) for n in (args.streams or ("50,100" if args.quick else "250,500,1000")).split(",")))
     SLOW["chunks"] = 30 if args.quick else 100
     procs = bench.Procs()
     tmp = Path(tempfile.mkdtemp(prefix="uni-api-capacity-"))
     try:
         upstream = procs.start([sys.executable, str(HERE / "upstream.py"), str(up_port := bench.free_port())])
         bench.wait_port(up_port, upstream)
-        cells = measure(procs, tmp, up_port, start_redis(procs, tmp), warmup=warmup, duration=duration,
-                        streams=streams)
+        redis = start_redis(procs, tmp)
+        cells = measure(procs, tmp, up_port, redis, warmup=warmup, duration=duration, streams=streams)
+        if redis is not None:
+            cells["shared state micro-benchmark"] = shared_state_microbench(redis[1], 2000 if args.quick else 10000)
         results = {"mode": "quick" if args.quick else "default", "cores": os.cpu_count(),
                    "load_average": os.getloadavg(), "python": sys.version.split()[0], "cells": cells,
-                   "slow_stream": dict(SLOW), "summary": summarize(cells)}
+                   "slow_stream": dict(SLOW), "summary": summarize(cells, streams)}
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results, indent=2))
         return 0

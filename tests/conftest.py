@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -75,6 +78,64 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- Recorded fixtures, byte streams and credentials ---
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_fixture(folder: str, name: str) -> Any:
+    """A recorded JSON fixture, tests/fixtures/<folder>/<name>."""
+    return json.loads((FIXTURES / folder / name).read_text())
+
+
+def load_fixture_lines(folder: str, name: str) -> list[Any]:
+    """A JSON Lines fixture (expected stream chunks): one value per non-empty line."""
+    return [json.loads(line) for line in (FIXTURES / folder / name).read_text().splitlines() if line]
+
+
+async def byte_pieces(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
+    """`data` in small pieces, as network reads split events anywhere."""
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def sse_pieces(data: bytes) -> list[bytes]:
+    """One SSE event per piece of a recording (LF or CRLF framed), for a fake upstream's raw_chunks."""
+    return [part + b"\n\n" for part in re.split(rb"\r?\n\r?\n", data) if part.strip()]
+
+
+def fixture_sse(folder: str, name: str) -> list[bytes]:
+    """A recorded SSE fixture as one piece per event."""
+    return sse_pieces((FIXTURES / folder / name).read_bytes())
+
+
+def rsa_pem(bits: int = 1024) -> str:
+    """A fresh RSA private key in PKCS#8 PEM, as a service-account JSON holds it; skips without cryptography."""
+    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
+    from cryptography.hazmat.primitives import serialization
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem: str = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode()
+    return pem
+
+
+# --- Per-engine provider entries for api.yaml, every request going to one fake upstream ---
+
+
+def bedrock_provider(url: str, model: str, alias: str, name: str = "br") -> dict[str, Any]:
+    """An aws (Bedrock) provider: SigV4 with AWS's documentation example key, region us-west-2."""
+    return {"provider": name, "base_url": url, "engine": "aws", "aws_access_key": "AKIDEXAMPLE",
+            "aws_secret_key": "secret", "region": "us-west-2", "model": [{model: alias}]}
+
+
+def vertex_claude_provider(url: str, pem: str, model: str, alias: str, name: str = "vx") -> dict[str, Any]:
+    """A vertex-claude provider of project p in us-east5 whose token exchange goes to the same upstream."""
+    return {"provider": name, "base_url": url, "engine": "vertex-claude", "project_id": "p", "region": "us-east5",
+            "client_email": "gw@p.iam.gserviceaccount.com", "private_key": pem, "token_uri": f"{url}/token",
+            "model": [{model: alias}]}
 
 
 # --- Fake upstream ---
@@ -313,6 +374,10 @@ class GatewayServer:
     def client(self, key: str, **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
 
+    def anthropic(self, key: str | None = "sk-client", **kwargs: Any) -> anthropic.Anthropic:
+        """The official anthropic SDK on /v1/messages (the key goes as x-api-key, or pass auth_token=...)."""
+        return anthropic.Anthropic(base_url=self.url, api_key=key, max_retries=0, **kwargs)
+
     def async_client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
 
@@ -336,6 +401,26 @@ def make_gateway(server_loop: ServerLoop) -> Iterator[Callable[..., GatewayServe
     yield make
     for server in started:
         server.stop()
+
+
+# A fake upstream as each engine's provider: (name prefix, base_url path below the upstream's root, key prefix).
+ENGINE_ENTRIES: dict[str, tuple[str, str, str]] = {
+    "claude": ("c", "/v1/messages", "sk-ant-secret"),
+    "cloudflare": ("cf", "", "cf-secret"),
+    "cohere": ("co", "/v2/chat", "co-secret"),
+    "gemini": ("gem", "/v1beta", "AIza-gemini-secret"),
+}
+
+
+def engine_config(engine: str, *upstreams: FakeUpstream, models: list[Any] | None = None,
+                  **fields: Any) -> dict[str, Any]:
+    """One `engine` provider per upstream (named <prefix>0, <prefix>1, ... with key <key prefix>-<i>), cooldown
+    off, `fields` added to each; one client key sk-client for all."""
+    prefix, path, secret = ENGINE_ENTRIES[engine]
+    providers = [{"provider": f"{prefix}{i}", "engine": engine, "base_url": u.url + path, "api": f"{secret}-{i}",
+                  "preferences": {"cooldown_period": 0}, **fields, **({"model": models} if models is not None else {})}
+                 for i, u in enumerate(upstreams)]
+    return {"providers": providers, "api_keys": [{"api": "sk-client"}]}
 
 
 def simple_config(*upstreams: FakeUpstream, models: list[Any] | None = None, **key_prefs: Any) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
 
-    def keys(self) -> dict[str, bytes]:
+    def stored(self) -> dict[str, bytes]:
         """Every key and (for strings) value in the database, read with redis-py's plain client."""
         import redis
 

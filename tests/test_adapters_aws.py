@@ -16,13 +16,13 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import FakeUpstream, GatewayServer, Reply, byte_pieces
 from openai_schema import accumulate_stream, validate_chunk, validate_completion
 
 import adapters
@@ -127,13 +127,8 @@ def claude_events(name: str) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
 
 
-async def _pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
-
-
 async def frames(data: bytes, size: int = 1) -> list[tuple[dict[str, Any], bytes]]:
-    return [frame async for frame in adapters.iter_aws_frames(_pieces(data, size))]
+    return [frame async for frame in adapters.iter_aws_frames(byte_pieces(data, size))]
 
 
 # The examples of the Elixir `event_stream` package docs: {"foo": "bar"} bare, then with a content-type header.
@@ -196,7 +191,7 @@ async def test_bedrock_stream_exceptions_raise_with_documented_status(name: str,
                                                                       retryable: bool) -> None:
     data = chunk_frame(claude_events("basic_stream.upstream.sse")[0]) + exception_frame(name, "Too many tokens")
     with pytest.raises(UpstreamError) as caught:
-        [event async for event in BEDROCK.iter_events(_pieces(data, 10))]
+        [event async for event in BEDROCK.iter_events(byte_pieces(data, 10))]
     assert (caught.value.status, caught.value.retryable) == (status, retryable)
     assert caught.value.message == f"{name}: Too many tokens"
 
@@ -209,7 +204,7 @@ STREAM_CASES = ["basic_stream", "tool_use_stream", "thinking_stream"]
 async def test_bedrock_stream_converts_like_the_anthropic_one(case: str) -> None:
     data = b"".join(chunk_frame(event) for event in claude_events(f"{case}.upstream.sse"))
     include_usage = case == "basic_stream"
-    stream = BEDROCK.parse_stream(BEDROCK.iter_events(_pieces(data, 64)), "claude-3-5-sonnet",
+    stream = BEDROCK.parse_stream(BEDROCK.iter_events(byte_pieces(data, 64)), "claude-3-5-sonnet",
                                   include_usage=include_usage)
     chunks = [{**chunk, "id": "chatcmpl-test", "created": 0} async for chunk in stream]
     for chunk in chunks:

@@ -7,20 +7,33 @@ References (fixtures/claude/SOURCES.md names the section of each fixture): Messa
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import (
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    byte_pieces,
+    engine_config,
+    fixture_sse,
+    load_fixture,
+    load_fixture_lines,
+)
 from openai_schema import accumulate_stream, validate_chunk, validate_completion
 
 import adapters
 from adapters import Provider, Target, UpstreamError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "claude"
+load = functools.partial(load_fixture, "claude")
+load_jsonl = functools.partial(load_fixture_lines, "claude")
+sse_chunks = functools.partial(fixture_sse, "claude")
 CLAUDE = adapters.ADAPTERS["claude"]
 PROVIDER = Provider("c", "claude", "https://api.anthropic.com/v1/messages", api_keys=("sk-ant-secret",))
 TARGET = Target(PROVIDER, "claude-3-5-sonnet-20241022", "sk-ant-secret")
@@ -29,14 +42,6 @@ RESPONSE_CASES = sorted(p.name.split(".")[0] for p in FIXTURES.glob("*.upstream.
                         and "models" not in p.name)
 STREAM_CASES = sorted(p.name.split(".")[0] for p in FIXTURES.glob("*_stream.upstream.sse"))
 USER = {"role": "user", "content": "hi"}
-
-
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def load_jsonl(name: str) -> list[Any]:
-    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
 
 
 def normalise(answer: dict[str, Any]) -> dict[str, Any]:
@@ -52,13 +57,9 @@ def events_of(name: str) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for block in blocks for line in block.splitlines() if line.startswith("data: ")]
 
 
-async def _pieces(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):  # small pieces: events split across network reads
-        yield data[i:i + size]
-
-
 async def convert(data: bytes, include_usage: bool = False, adapter: adapters.Adapter = CLAUDE) -> list[dict[str, Any]]:
-    stream = adapter.parse_stream(adapter.iter_events(_pieces(data)), "claude-3-5-sonnet", include_usage=include_usage)
+    stream = adapter.parse_stream(adapter.iter_events(byte_pieces(data)), "claude-3-5-sonnet",
+                                  include_usage=include_usage)
     return [chunk async for chunk in stream]
 
 
@@ -347,7 +348,7 @@ def test_claude_error_bodies_give_their_message(fixture: str, status: int, messa
 async def test_claude_answers_leave_created_zero_for_the_gateway_to_stamp() -> None:
     """The Messages API carries no timestamp and adapters never read the clock: uni_api._stamp fills it."""
     assert CLAUDE.parse_response(load("basic.upstream.json"), "m")["created"] == 0
-    events = CLAUDE.parse_stream(adapters.iter_sse(_pieces(sse_bytes(PARALLEL_STREAM))), "m", include_usage=True)
+    events = CLAUDE.parse_stream(adapters.iter_sse(byte_pieces(sse_bytes(PARALLEL_STREAM))), "m", include_usage=True)
     assert {chunk["created"] async for chunk in events} == {0}
 
 
@@ -371,15 +372,7 @@ def test_claude_engines_are_inferred_from_base_url(base_url: str, engine: str) -
 MakeGateway = Callable[..., GatewayServer]
 
 
-def claude_config(*upstreams: FakeUpstream, models: list[Any] | None = None) -> dict[str, Any]:
-    providers = [{"provider": f"c{i}", "base_url": f"{u.url}/v1/messages", "api": f"sk-ant-secret-{i}",
-                  "preferences": {"cooldown_period": 0}, **({"model": models} if models is not None else {})}
-                 for i, u in enumerate(upstreams)]
-    return {"providers": providers, "api_keys": [{"api": "sk-client"}]}
-
-
-def sse_chunks(name: str) -> list[bytes]:
-    return [part + b"\n\n" for part in (FIXTURES / name).read_bytes().split(b"\n\n") if part.strip()]
+claude_config = functools.partial(engine_config, "claude")
 
 
 SONNET = [{"claude-3-5-sonnet-20241022": "claude-3-5-sonnet"}]

@@ -8,20 +8,33 @@ function calling", "Model Search" (GET .../ai/models/search) and the bge text-em
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import (
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    byte_pieces,
+    engine_config,
+    fixture_sse,
+    load_fixture,
+    load_fixture_lines,
+)
 from openai_schema import accumulate_stream, validate, validate_chunk, validate_completion
 
 import adapters
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cloudflare"
+load = functools.partial(load_fixture, "cloudflare")
+load_jsonl = functools.partial(load_fixture_lines, "cloudflare")
+sse_chunks = functools.partial(fixture_sse, "cloudflare")
 CLOUDFLARE = adapters.ADAPTERS["cloudflare"]
 ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
 MODEL = "@cf/meta/llama-3.1-8b-instruct"
@@ -32,14 +45,6 @@ RUN_URL = f"https://api.cloudflare.com/client/v4/accounts/{ACCOUNT}/ai/run/{MODE
 GENERATED_ID = re.compile(r"^(chatcmpl-|call_)[0-9a-f]{32}$")
 
 
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def load_jsonl(name: str) -> list[Any]:
-    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
-
-
 def scrub(value: Any) -> Any:
     """Ids the adapter generates (Workers AI sends none) as the fixtures' placeholders."""
     if isinstance(value, dict):
@@ -48,13 +53,8 @@ def scrub(value: Any) -> Any:
     return [scrub(v) for v in value] if isinstance(value, list) else value
 
 
-async def _bytes(data: bytes, size: int = 9) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
-
-
 async def convert_stream(name: str, include_usage: bool = False) -> list[dict[str, Any]]:
-    events = adapters.iter_sse(_bytes((FIXTURES / name).read_bytes()))
+    events = adapters.iter_sse(byte_pieces((FIXTURES / name).read_bytes(), 9))
     return [chunk async for chunk in CLOUDFLARE.parse_stream(events, "llama", include_usage=include_usage)]
 
 
@@ -147,14 +147,14 @@ async def test_cloudflare_accumulated_stream_equals_response(case: str) -> None:
 async def test_cloudflare_stream_cut_before_done_raises() -> None:
     sse = (FIXTURES / "text.upstream.sse").read_bytes().replace(b"data: [DONE]\n\n", b"")
     with pytest.raises(adapters.UpstreamError, match="before \\[DONE\\]"):
-        [chunk async for chunk in CLOUDFLARE.parse_stream(adapters.iter_sse(_bytes(sse)), "llama")]
+        [chunk async for chunk in CLOUDFLARE.parse_stream(adapters.iter_sse(byte_pieces(sse, 9)), "llama")]
 
 
 @pytest.mark.anyio
 async def test_cloudflare_stream_error_event_raises() -> None:
     sse = b'data: {"errors": [{"code": 3040, "message": "Capacity temporarily exceeded"}]}\n\n'
     with pytest.raises(adapters.UpstreamError, match="Capacity temporarily exceeded"):
-        [chunk async for chunk in CLOUDFLARE.parse_stream(adapters.iter_sse(_bytes(sse)), "llama")]
+        [chunk async for chunk in CLOUDFLARE.parse_stream(adapters.iter_sse(byte_pieces(sse, 9)), "llama")]
 
 
 def test_cloudflare_unsuccessful_envelope_is_an_error() -> None:
@@ -203,18 +203,10 @@ def test_cloudflare_engine_is_inferred_from_base_url(base_url: str, engine: str)
 MakeGateway = Callable[..., GatewayServer]
 
 
-def cloudflare_config(*upstreams: FakeUpstream, models: list[Any] | None = None) -> dict[str, Any]:
-    providers = [{"provider": f"cf{i}", "base_url": u.url, "api": f"cf-secret-{i}", "cf_account_id": ACCOUNT,
-                  "engine": "cloudflare", "preferences": {"cooldown_period": 0},
-                  **({"model": models} if models is not None else {})} for i, u in enumerate(upstreams)]
-    return {"providers": providers, "api_keys": [{"api": "sk-client"}]}
+cloudflare_config = functools.partial(engine_config, "cloudflare", cf_account_id=ACCOUNT)
 
 
 LLAMA = [{MODEL: "llama"}]
-
-
-def sse_chunks(name: str) -> list[bytes]:
-    return [part + b"\n\n" for part in (FIXTURES / name).read_bytes().split(b"\n\n") if part]
 
 
 def test_gateway_answers_workers_ai_through_the_openai_sdk(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:

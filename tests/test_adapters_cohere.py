@@ -6,40 +6,39 @@ variants), "Streaming for tool use" (the parallel tool-call example), "Image Inp
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import (
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    byte_pieces,
+    engine_config,
+    fixture_sse,
+    load_fixture,
+    load_fixture_lines,
+)
 from openai_schema import accumulate_stream, validate_chunk, validate_completion
 
 import adapters
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cohere"
+load = functools.partial(load_fixture, "cohere")
+load_jsonl = functools.partial(load_fixture_lines, "cohere")
+sse_chunks = functools.partial(fixture_sse, "cohere")
 COHERE = adapters.ADAPTERS["cohere"]
 PROVIDER = adapters.Provider("co", "cohere", "https://api.cohere.com/v2/chat", api_keys=("co-secret",),
                              models=(("command-a", "command-a-03-2025"),))
 TARGET = adapters.Target(PROVIDER, "command-a-03-2025", "co-secret")
 
 
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def load_jsonl(name: str) -> list[Any]:
-    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
-
-
-async def _bytes(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):  # small pieces: events split across network reads
-        yield data[i:i + size]
-
-
 async def convert_stream(name: str, include_usage: bool = False) -> list[dict[str, Any]]:
-    events = adapters.iter_sse(_bytes((FIXTURES / name).read_bytes()))
+    events = adapters.iter_sse(byte_pieces((FIXTURES / name).read_bytes()))
     return [chunk async for chunk in COHERE.parse_stream(events, "command-a", include_usage=include_usage)]
 
 
@@ -151,7 +150,7 @@ def test_cohere_failed_generation_is_a_retryable_error(reason: str, status: int)
 async def test_cohere_stream_error_in_message_end_raises() -> None:
     sse = (b'data: {"type":"message-start","id":"x"}\n\n'
            b'data: {"type":"message-end","delta":{"finish_reason":"ERROR","error":"internal failure"}}\n\n')
-    chunks = COHERE.parse_stream(adapters.iter_sse(_bytes(sse)), "command-a")
+    chunks = COHERE.parse_stream(adapters.iter_sse(byte_pieces(sse)), "command-a")
     assert (await chunks.__anext__())["choices"][0]["delta"]["role"] == "assistant"
     with pytest.raises(adapters.UpstreamError, match="internal failure"):
         await chunks.__anext__()
@@ -161,7 +160,7 @@ async def test_cohere_stream_error_in_message_end_raises() -> None:
 async def test_cohere_stream_cut_before_message_end_raises() -> None:
     sse = (FIXTURES / "text.upstream.sse").read_bytes().rsplit(b"event: message-end", 1)[0]
     with pytest.raises(adapters.UpstreamError, match="before message-end"):
-        [chunk async for chunk in COHERE.parse_stream(adapters.iter_sse(_bytes(sse)), "m")]
+        [chunk async for chunk in COHERE.parse_stream(adapters.iter_sse(byte_pieces(sse)), "m")]
 
 
 @pytest.mark.parametrize(("fixture", "status", "message"), [
@@ -193,15 +192,7 @@ def test_cohere_engine_is_inferred_from_base_url(base_url: str, engine: str) -> 
 MakeGateway = Callable[..., GatewayServer]
 
 
-def cohere_config(*upstreams: FakeUpstream, models: list[Any] | None = None) -> dict[str, Any]:
-    providers = [{"provider": f"co{i}", "base_url": f"{u.url}/v2/chat", "api": f"co-secret-{i}", "engine": "cohere",
-                  "preferences": {"cooldown_period": 0}, **({"model": models} if models is not None else {})}
-                 for i, u in enumerate(upstreams)]
-    return {"providers": providers, "api_keys": [{"api": "sk-client"}]}
-
-
-def sse_chunks(name: str) -> list[bytes]:
-    return [part + b"\n\n" for part in (FIXTURES / name).read_bytes().split(b"\n\n") if part]
+cohere_config = functools.partial(engine_config, "cohere")
 
 
 def test_gateway_answers_cohere_through_the_openai_sdk(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:

@@ -9,15 +9,16 @@ power_disco_ball / start_music / dim_lights), "Thinking" (thought parts, thinkin
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import FakeUpstream, GatewayServer, Reply, byte_pieces, engine_config, load_fixture, load_fixture_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai_schema import accumulate_stream, validate, validate_chunk, validate_completion
@@ -25,6 +26,8 @@ from openai_schema import accumulate_stream, validate, validate_chunk, validate_
 import adapters
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
+load = functools.partial(load_fixture, "gemini")
+load_jsonl = functools.partial(load_fixture_lines, "gemini")
 GEMINI = adapters.ADAPTERS["gemini"]
 BASE = "https://generativelanguage.googleapis.com/v1beta"
 PROVIDER = adapters.Provider("g", "gemini", BASE, api_keys=("AIza-gemini-secret",))
@@ -33,14 +36,6 @@ ALIASES = {"text": "gemini-flash", "parallel": "gemini-flash", "thinking": "gemi
            "blocked": "gemini-flash"}
 MakeGateway = Callable[..., GatewayServer]
 pytestmark = pytest.mark.anyio
-
-
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def load_jsonl(name: str) -> list[Any]:
-    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line]
 
 
 def target(model: str = "gemini-2.0-flash", provider: adapters.Provider = PROVIDER) -> adapters.Target:
@@ -53,15 +48,10 @@ def normalize(obj: Any) -> Any:
     return json.loads(re.sub(r'"call_[0-9a-f]{32}"', '"call_ID"', text))
 
 
-async def _pieces(data: bytes, size: int = 7) -> AsyncIterator[bytes]:
-    for i in range(0, len(data), size):  # small pieces: events split across network reads
-        yield data[i:i + size]
-
-
 async def convert_stream(data: bytes | str, model: str = "gemini-flash", include_usage: bool = True,
                          adapter: adapters.Adapter = GEMINI) -> list[dict[str, Any]]:
     raw = (FIXTURES / data).read_bytes() if isinstance(data, str) else data
-    events = adapters.iter_sse(_pieces(raw))
+    events = adapters.iter_sse(byte_pieces(raw))
     return [chunk async for chunk in adapter.parse_stream(events, model, include_usage=include_usage)]
 
 
@@ -390,12 +380,7 @@ def test_google_engines_are_inferred_from_base_url(base_url: str, model: str, en
 # --- End to end through the gateway ---
 
 
-def gemini_config(*upstreams: FakeUpstream, models: list[Any] | None = None,
-                  keys: list[str] | None = None) -> dict[str, Any]:
-    providers = [{"provider": f"gem{i}", "base_url": f"{u.url}/v1beta", "api": keys or f"AIza-gemini-secret-{i}",
-                  "preferences": {"cooldown_period": 0}, **({"model": models} if models is not None else {})}
-                 for i, u in enumerate(upstreams)]
-    return {"providers": providers, "api_keys": [{"api": "sk-client"}]}
+gemini_config = functools.partial(engine_config, "gemini")
 
 
 def sse_reply(name: str) -> Reply:
@@ -511,7 +496,7 @@ def test_gateway_moves_to_the_next_key_after_gemini_rejects_one(upstream: FakeUp
                                                                 make_gateway: MakeGateway) -> None:
     upstream.enqueue(Reply(status=400, json=load("error_key.upstream.json")))
     upstream.enqueue(Reply(json=load("text.upstream.json")))
-    gateway = make_gateway(gemini_config(upstream, models=["gemini-2.0-flash"], keys=["AIza-bad-1", "AIza-good-2"]))
+    gateway = make_gateway(gemini_config(upstream, models=["gemini-2.0-flash"], api=["AIza-bad-1", "AIza-good-2"]))
     answer = gateway.client("sk-client").chat.completions.create(model="gemini-2.0-flash", messages=[
         {"role": "user", "content": "hi"}])
     assert answer.choices[0].finish_reason == "stop"

@@ -10,6 +10,7 @@ token exchange (grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs
 
 import openai
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import FakeUpstream, GatewayServer, Reply, load_fixture
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from openai_schema import accumulate_stream, validate, validate_chunk, validate_completion
@@ -26,16 +27,13 @@ from openai_schema import accumulate_stream, validate, validate_chunk, validate_
 import adapters
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gemini"
+load = functools.partial(load_fixture, "gemini")
 VERTEX = adapters.ADAPTERS["vertex-gemini"]
 EXTRA = {"project_id": "my-project", "region": "us-central1", "client_email": "gw@my-project.iam.gserviceaccount.com"}
 MODEL_PATH = "/v1/projects/my-project/locations/us-central1/publishers/google/models"
 TOKEN = {"access_token": "ya29.test", "expires_in": 3600, "token_type": "Bearer"}
 MakeGateway = Callable[..., GatewayServer]
 pytestmark = pytest.mark.anyio
-
-
-def load(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
 
 
 def provider(base_url: str = "https://aiplatform.googleapis.com", **extra: str) -> adapters.Provider:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply
+from conftest import FakeUpstream, GatewayServer, Reply, rsa_pem
 from openai_schema import accumulate_stream, validate_chunk, validate_completion
 
 import adapters
@@ -84,12 +84,7 @@ MakeGateway = Callable[..., GatewayServer]
 
 @pytest.fixture(scope="module")
 def private_key() -> str:
-    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
-    from cryptography.hazmat.primitives import serialization
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()
+    return rsa_pem(2048)
 
 
 def vertex_config(upstream: FakeUpstream, private_key: str) -> dict[str, Any]:

@@ -828,3 +828,10 @@ def test_state_takes_its_url_from_redis_url_when_the_file_gives_none() -> None:
     assert state == uni_api.StateOptions("rediss://cache:6380", "eu", "closed", 0.5)
     assert parse_config(PROVIDER + KEY + "state:\n  redis_url: unix:///run/redis.sock\n", "api.yaml",
                         env_redis_url="redis://ignored").state.redis_url == "unix:///run/redis.sock"
+
+
+def test_the_summary_names_the_shared_state_without_its_password() -> None:
+    text = PROVIDER + KEY + "state:\n  redis_url: redis://:hunter2@cache:6379/2\n  prefix: eu\n"
+    summary = uni_api.summarize(parse(text))
+    assert "shared state: Redis at cache:6379/2, prefix eu, on_error open" in summary
+    assert "hunter2" not in summary

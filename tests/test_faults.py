@@ -10,33 +10,36 @@ Never a hang (every client call has a 15 s timeout) and never a 500.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply, ServerLoop, chunks, completion, free_port, to_yaml
+from conftest import (
+    FIXTURES,
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    ServerLoop,
+    chunks,
+    completion,
+    free_port,
+    sse_pieces,
+    to_yaml,
+)
 from test_adapters_aws import chunk_frame, claude_events
 
 import adapters
 import uni_api
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TIMEOUT = 0.5  # model_timeout: how long a stall lasts before the attempt fails
 Outcome = Literal["failover", "served", "interrupted"]
 
 
 def _fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
-
-
-def _sse_pieces(data: bytes) -> list[bytes]:
-    """One SSE event per piece, LF or CRLF framed in the recording."""
-    return [part + b"\n\n" for part in re.split(rb"\r?\n\r?\n", data) if part.strip()]
 
 
 def _sse_data(events: list[Any]) -> list[bytes]:
@@ -66,18 +69,18 @@ ENGINES: tuple[Engine, ...] = (
            "Fine, thanks.", "Fine, thanks.", needs_terminal=False),
     Engine("claude", lambda url: {"base_url": f"{url}/v1/messages", "api": "sk-ant-secret-0000"},
            "claude-3-5-sonnet-20241022", lambda: _fixture("claude/basic.upstream.json"),
-           lambda: _sse_pieces(_fixture("claude/basic_stream.upstream.sse")), "Hi! My name is Claude.", "Hello!",
+           lambda: sse_pieces(_fixture("claude/basic_stream.upstream.sse")), "Hi! My name is Claude.", "Hello!",
            needs_terminal=False),  # message_delta already carried the stop reason
     Engine("gemini", lambda url: {"base_url": f"{url}/v1beta", "api": "AIza-gemini-secret-0000"}, "gemini-2.0-flash",
-           lambda: _fixture("gemini/text.upstream.json"), lambda: _sse_pieces(_fixture("gemini/text.upstream.sse")),
+           lambda: _fixture("gemini/text.upstream.json"), lambda: sse_pieces(_fixture("gemini/text.upstream.sse")),
            "A small orange cat, sitting in the sun.", "A small orange cat, sitting in the sun."),
     Engine("cohere", lambda url: {"base_url": f"{url}/v2/chat", "api": "co-secret-0000"}, "command-a-03-2025",
-           lambda: _fixture("cohere/text.upstream.json"), lambda: _sse_pieces(_fixture("cohere/text.upstream.sse")),
+           lambda: _fixture("cohere/text.upstream.json"), lambda: sse_pieces(_fixture("cohere/text.upstream.sse")),
            '{"text": "LLMs are neural networks trained on large text corpora."}',
            '{"text": "LLMs are neural networks trained on large text corpora."}'),
     Engine("cloudflare", lambda url: {"base_url": url, "api": "cf-secret-0000", "cf_account_id": "acct0"},
            "@cf/meta/llama-3.1-8b-instruct", lambda: _fixture("cloudflare/text.upstream.json"),
-           lambda: _sse_pieces(_fixture("cloudflare/text.upstream.sse")),
+           lambda: sse_pieces(_fixture("cloudflare/text.upstream.sse")),
            "Pizza combines crispy crust, tangy sauce and melted cheese.",
            "Pizza combines crispy crust, tangy sauce and melted cheese."),
     Engine("aws", lambda url: {"base_url": url, "region": "us-west-2", **AWS_CREDENTIALS},

@@ -16,7 +16,17 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from conftest import FakeUpstream, GatewayServer, Reply, chunks, completion, simple_config
+from conftest import (
+    FakeUpstream,
+    GatewayServer,
+    Reply,
+    bedrock_provider,
+    chunks,
+    completion,
+    rsa_pem,
+    simple_config,
+    vertex_claude_provider,
+)
 from test_adapters_aws import chunk_frame
 
 import adapters
@@ -27,10 +37,6 @@ MakeGateway = Callable[..., GatewayServer]
 HI = [{"role": "user", "content": "hi"}]
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}
-
-
-def client(gateway: GatewayServer, **kwargs: Any) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, max_retries=0, **({"api_key": "sk-client"} | kwargs))
 
 
 def raw_chunks(path: Path, size: int = 64) -> Reply:
@@ -96,7 +102,7 @@ def test_gpt_channel_answers_a_non_stream_message(upstream: FakeUpstream, make_g
              "prompt_tokens_details": {"cached_tokens": 20}}
     upstream.enqueue(Reply(json=completion("Hello there", usage=usage)))
     gateway = make_gateway(gpt_config(upstream, models=[{"gpt-4o-2024-08-06": "gpt-4o"}]))
-    message = client(gateway).messages.create(
+    message = gateway.anthropic().messages.create(
         model="gpt-4o", max_tokens=100, system="Be brief.", messages=HI, stop_sequences=["END"],
         metadata={"user_id": "u1"}, extra_body={"temperature": 0.2, "top_p": 0.9})
     assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
@@ -142,7 +148,7 @@ def test_sdk_stream_helper_assembles_text_thinking_and_several_tool_calls(upstre
         openai_chunk(call_delta(1, "call_b", "get_weather", '{"location": "Rome"}')),
         openai_chunk({}, "tool_calls"), usage_chunk(40, 12), "[DONE]"])
     gateway = make_gateway(gpt_config(upstream))
-    with client(gateway, api_key=None, auth_token="sk-client").messages.stream(
+    with gateway.anthropic(None, auth_token="sk-client").messages.stream(
             model="gpt-4o", max_tokens=2000, messages=[{"role": "user", "content": "Weather in Paris and Rome?"}],
             tools=[WEATHER], thinking={"type": "enabled", "budget_tokens": 5000}) as stream:
         message = stream.get_final_message()
@@ -190,7 +196,7 @@ def test_tool_results_go_back_as_tool_messages_in_order(upstream: FakeUpstream, 
             {"type": "tool_result", "tool_use_id": "call_b", "content": [
                 {"type": "text", "text": "21C"}, {"type": "image", "source": image}]},
             {"type": "text", "text": "Which is warmer?"}]}]
-    client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=messages, tools=[WEATHER],
+    gateway.anthropic().messages.create(model="gpt-4o", max_tokens=10, messages=messages, tools=[WEATHER],
                                     tool_choice={"type": "any", "disable_parallel_tool_use": True})
     sent = upstream.received[0].json
     assert sent["messages"] == [
@@ -237,7 +243,7 @@ def test_system_blocks_and_image_sources_convert(upstream: FakeUpstream, make_ga
                {"type": "text", "text": "Same cat?"}]
     system = [{"type": "text", "text": "You compare images."},
               {"type": "text", "text": "Be exact.", "cache_control": {"type": "ephemeral"}}]
-    client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": content}],
+    gateway.anthropic().messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": content}],
                                     system=system)
     assert upstream.received[0].json["messages"] == [
         {"role": "system", "content": "You compare images.\nBe exact."},
@@ -261,7 +267,8 @@ def test_finish_reasons_map_to_stop_reasons(upstream: FakeUpstream, make_gateway
     answer["choices"][0].update(choice)
     upstream.enqueue(Reply(json=answer))
     gateway = make_gateway(gpt_config(upstream))
-    message = client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=HI, stop_sequences=["END", "###"])
+    message = gateway.anthropic().messages.create(model="gpt-4o", max_tokens=10, messages=HI,
+                                                  stop_sequences=["END", "###"])
     assert (message.stop_reason, message.stop_sequence) == (stop_reason, stop_sequence)
 
 
@@ -273,7 +280,7 @@ def test_non_stream_reasoning_and_tool_calls_become_blocks(upstream: FakeUpstrea
     answer["choices"][0]["finish_reason"] = "tool_calls"
     upstream.enqueue(Reply(json=answer))
     gateway = make_gateway(gpt_config(upstream))
-    message = client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=HI, tools=[WEATHER])
+    message = gateway.anthropic().messages.create(model="gpt-4o", max_tokens=10, messages=HI, tools=[WEATHER])
     assert [b.type for b in message.content] == ["thinking", "tool_use"] and message.content[0].thinking == "Think."
     assert (message.content[1].id, message.content[1].input, message.stop_reason) == (
         "call_1", {"location": "Oslo"}, "tool_use")
@@ -282,7 +289,7 @@ def test_non_stream_reasoning_and_tool_calls_become_blocks(upstream: FakeUpstrea
 def test_stream_cut_after_commit_ends_with_an_error_event(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     upstream.enqueue(Reply(sse=chunks(["one", "two", "three"]), reset_after=2))
     gateway = make_gateway(gpt_config(upstream))
-    with pytest.raises(anthropic.APIStatusError) as error, client(gateway).messages.stream(
+    with pytest.raises(anthropic.APIStatusError) as error, gateway.anthropic().messages.stream(
             model="gpt-4o", max_tokens=10, messages=HI) as stream:
         stream.get_final_message()
     assert error.value.body["error"]["type"] == "api_error"  # type: ignore[index]
@@ -341,7 +348,7 @@ def test_claude_stream_passes_every_event_through_with_the_alias(upstream: FakeU
     expected[0][1]["message"]["model"] = "sonnet"
     assert events == expected
     upstream.enqueue(raw_chunks(fixture))
-    with client(gateway).messages.stream(model="sonnet", max_tokens=64, messages=HI, tools=[WEATHER]) as stream:
+    with gateway.anthropic().messages.stream(model="sonnet", max_tokens=64, messages=HI, tools=[WEATHER]) as stream:
         message = stream.get_final_message()
     assert message.model == "sonnet" and message.stop_reason == "tool_use"
     assert [b.type for b in message.content] == ["text", "tool_use"]
@@ -356,7 +363,7 @@ def test_claude_error_as_first_event_fails_over_to_the_next_channel(make_upstrea
     config = config_of(claude_provider(busy, models=[{"claude-sonnet-4-5-20250929": "gpt-4o"}]),
                        *gpt_config(gpt)["providers"])
     gateway = make_gateway(config)
-    with client(gateway).messages.stream(model="gpt-4o", max_tokens=10, messages=HI) as stream:
+    with gateway.anthropic().messages.stream(model="gpt-4o", max_tokens=10, messages=HI) as stream:
         message = stream.get_final_message()
     assert message.content[0].text == "from gpt" and len(busy.received) == len(gpt.received) == 1
 
@@ -364,7 +371,7 @@ def test_claude_error_as_first_event_fails_over_to_the_next_channel(make_upstrea
 def test_claude_count_tokens_is_passed_through(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     upstream.enqueue(Reply(json={"input_tokens": 2095}))
     gateway = make_gateway(config_of(claude_provider(upstream)))
-    counted = client(gateway).messages.count_tokens(model="sonnet", messages=HI, system="S", tools=[WEATHER])
+    counted = gateway.anthropic().messages.count_tokens(model="sonnet", messages=HI, system="S", tools=[WEATHER])
     assert counted.input_tokens == 2095
     sent = upstream.received[0]
     assert sent.path == "/v1/messages/count_tokens" and sent.headers["x-api-key"] == "sk-ant-secret"
@@ -378,10 +385,8 @@ def test_bedrock_channel_gets_its_envelope_and_streams_back_as_anthropic_sse(ups
               .splitlines() if line.startswith("data: ")]
     upstream.enqueue(Reply(raw_chunks=[chunk_frame(e) for e in events],
                            content_type="application/vnd.amazon.eventstream"))
-    bedrock = {"provider": "br", "base_url": upstream.url, "engine": "aws", "aws_access_key": "AKIDEXAMPLE",
-               "aws_secret_key": "secret", "region": "us-west-2", "model": [{model: "claude-br"}]}
-    gateway = make_gateway(config_of(bedrock))
-    with client(gateway).messages.stream(model="claude-br", max_tokens=64, messages=HI) as stream:
+    gateway = make_gateway(config_of(bedrock_provider(upstream.url, model, "claude-br")))
+    with gateway.anthropic().messages.stream(model="claude-br", max_tokens=64, messages=HI) as stream:
         message = stream.get_final_message()
     assert message.model == "claude-br" and message.content[0].text
     sent = upstream.received[0]
@@ -391,18 +396,11 @@ def test_bedrock_channel_gets_its_envelope_and_streams_back_as_anthropic_sse(ups
 
 def test_vertex_claude_channel_gets_its_envelope_with_the_exchanged_token(upstream: FakeUpstream,
                                                                          make_gateway: MakeGateway) -> None:
-    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
-    from cryptography.hazmat.primitives import serialization
-
-    pem = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
-    vertex = {"provider": "vx", "base_url": upstream.url, "engine": "vertex-claude", "project_id": "p",
-              "region": "us-east5", "client_email": "gw@p.iam.gserviceaccount.com", "private_key": pem,
-              "token_uri": f"{upstream.url}/token", "model": [{"claude-sonnet-4-5@20250929": "sonnet"}]}
+    vertex = vertex_claude_provider(upstream.url, rsa_pem(), "claude-sonnet-4-5@20250929", "sonnet")
     upstream.enqueue(Reply(json={"access_token": "ya29.token", "expires_in": 3599}))
     upstream.enqueue(Reply(body=(FIXTURES / "claude" / "basic.upstream.json").read_bytes()))
     gateway = make_gateway(config_of(vertex))
-    message = client(gateway).messages.create(model="sonnet", max_tokens=64, messages=HI)
+    message = gateway.anthropic().messages.create(model="sonnet", max_tokens=64, messages=HI)
     assert (message.model, message.content[0].text) == ("sonnet", "Hi! My name is Claude.")
     call = upstream.received[1]
     assert call.path == ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
@@ -429,7 +427,7 @@ def test_gemini_stream_of_text_and_parallel_calls_assembles(upstream: FakeUpstre
     gateway = make_gateway(config_of(gemini_provider(upstream)))
     tools = [{"name": n, "input_schema": {"type": "object", "properties": {}}}
              for n in ("power_disco_ball", "start_music", "dim_lights")]
-    with client(gateway).messages.stream(model="gemini-2.0-flash", max_tokens=100, tools=tools,
+    with gateway.anthropic().messages.stream(model="gemini-2.0-flash", max_tokens=100, tools=tools,
                                          messages=[{"role": "user", "content": "Party!"}]) as stream:
         message = stream.get_final_message()
     assert [b.type for b in message.content] == ["text", "tool_use", "tool_use", "tool_use"]
@@ -444,7 +442,7 @@ def test_gemini_stream_of_text_and_parallel_calls_assembles(upstream: FakeUpstre
 def test_gemini_non_stream_thinking_becomes_a_thinking_block(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     upstream.enqueue(Reply(json=json.loads((FIXTURES / "gemini" / "thinking.upstream.json").read_text())))
     gateway = make_gateway(config_of(gemini_provider(upstream)))
-    message = client(gateway).messages.create(model="gemini-2.0-flash", max_tokens=100, messages=HI)
+    message = gateway.anthropic().messages.create(model="gemini-2.0-flash", max_tokens=100, messages=HI)
     assert [b.type for b in message.content] == ["thinking", "text"]
     assert message.content[0].thinking.startswith("**Recalling the final**")
     assert message.usage.cache_read_input_tokens == 16 and message.stop_reason == "end_turn"
@@ -454,14 +452,14 @@ def test_cohere_tool_stream_assembles_and_text_answers(upstream: FakeUpstream, m
     upstream.enqueue(raw_chunks(FIXTURES / "cohere" / "tools.upstream.sse"))
     upstream.enqueue(Reply(json=json.loads((FIXTURES / "cohere" / "text.upstream.json").read_text())))
     gateway = make_gateway(config_of(cohere_provider(upstream)))
-    with client(gateway).messages.stream(model="command-a-03-2025", max_tokens=100, tools=[WEATHER],
+    with gateway.anthropic().messages.stream(model="command-a-03-2025", max_tokens=100, tools=[WEATHER],
                                          messages=[{"role": "user", "content": "Madrid and Brasilia?"}]) as stream:
         message = stream.get_final_message()
     calls = [b for b in message.content if b.type == "tool_use"]
     assert [(b.id, b.input) for b in calls] == [("get_weather_p1t92w7gfgq7", {"location": "Madrid"}),
                                                 ("get_weather_ay6nmvjgp9vn", {"location": "Brasilia"})]
     assert message.stop_reason == "tool_use"
-    answer = client(gateway).messages.create(model="command-a-03-2025", max_tokens=100, messages=HI)
+    answer = gateway.anthropic().messages.create(model="command-a-03-2025", max_tokens=100, messages=HI)
     assert answer.content[0].type == "text" and answer.content[0].text and answer.stop_reason == "end_turn"
     assert upstream.received[0].json["tools"][0]["function"]["name"] == "get_weather"
 
@@ -473,12 +471,12 @@ def test_count_tokens_is_estimated_without_an_anthropic_channel(upstream: FakeUp
                                                                 make_gateway: MakeGateway) -> None:
     gateway = make_gateway(gpt_config(upstream))
     text = "word " * 200
-    counted = client(gateway).messages.count_tokens(model="gpt-4o", messages=[{"role": "user", "content": text}])
+    counted = gateway.anthropic().messages.count_tokens(model="gpt-4o", messages=[{"role": "user", "content": text}])
     assert counted.input_tokens == adapters.estimate_input_tokens({"messages": [{"role": "user", "content": text}]})
     assert 250 <= counted.input_tokens <= 270 and upstream.received == []
     image = {"role": "user", "content": [{"type": "image", "source": {
         "type": "base64", "media_type": "image/png", "data": "A" * 400_000}}]}
-    assert client(gateway).messages.count_tokens(model="gpt-4o", messages=[image]).input_tokens < 1700
+    assert gateway.anthropic().messages.count_tokens(model="gpt-4o", messages=[image]).input_tokens < 1700
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -505,7 +503,7 @@ def test_errors_take_anthropic_shape_and_statuses(upstream: FakeUpstream, make_g
         assert (response.status_code, error_of(response)["type"]) == (status, kind), body
     assert upstream.received == []
     with pytest.raises(anthropic.PermissionDeniedError):
-        client(gateway).messages.create(model="o1", max_tokens=5, messages=HI)
+        gateway.anthropic().messages.create(model="o1", max_tokens=5, messages=HI)
     response = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "nope", "messages": HI},
                           headers={"x-api-key": "sk-client"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"  # OpenAI's shape
@@ -513,9 +511,9 @@ def test_errors_take_anthropic_shape_and_statuses(upstream: FakeUpstream, make_g
 
 def test_rate_limit_is_429_rate_limit_error_with_retry_after(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     gateway = make_gateway(simple_config(upstream, rate_limit="1/min"))
-    client(gateway).messages.create(model="gpt-4o", max_tokens=5, messages=HI)
+    gateway.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=HI)
     with pytest.raises(anthropic.RateLimitError) as error:
-        client(gateway).messages.create(model="gpt-4o", max_tokens=5, messages=HI)
+        gateway.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=HI)
     assert int(error.value.response.headers["retry-after"]) >= 1
     assert error.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
 
@@ -535,7 +533,7 @@ def test_upstream_failures_map_to_anthropic_error_types(upstream: FakeUpstream, 
 def test_server_tools_need_a_claude_channel(upstream: FakeUpstream, make_gateway: MakeGateway) -> None:
     gateway = make_gateway(gpt_config(upstream))
     with pytest.raises(anthropic.APIStatusError) as error:
-        client(gateway).messages.create(model="gpt-4o", max_tokens=5, messages=HI,
+        gateway.anthropic().messages.create(model="gpt-4o", max_tokens=5, messages=HI,
                                         tools=[{"type": "web_search_20250305", "name": "web_search"}])
     assert "needs a Claude channel" in error.value.message and upstream.received == []
 
@@ -553,9 +551,9 @@ def test_messages_requests_are_recorded_with_key_model_provider_and_tokens(
     ant.enqueue(raw_chunks(FIXTURES / "claude" / "basic_stream.upstream.sse"))  # 25 in, then 15 out
     gpt.enqueue(json=completion("hi", usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}))
     gpt.enqueue(sse=chunks(["a", "b", "c"], usage=True))  # 5 in, 3 out
-    client(gateway).messages.create(model="sonnet", max_tokens=10, messages=HI)
+    gateway.anthropic().messages.create(model="sonnet", max_tokens=10, messages=HI)
     post_stream(gateway, {"model": "sonnet", "max_tokens": 10, "messages": HI})
-    client(gateway).messages.create(model="gpt-4o", max_tokens=10, messages=HI)
+    gateway.anthropic().messages.create(model="gpt-4o", max_tokens=10, messages=HI)
     post_stream(gateway, {"model": "gpt-4o", "max_tokens": 10, "messages": HI})
     gateway.server_loop.run(gateway.state.stats.flush())
     with sqlite3.connect(db) as connection:

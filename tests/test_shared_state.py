@@ -72,7 +72,7 @@ def test_three_gateways_on_one_redis_admit_exactly_ten_of_thirty_concurrent_requ
     waits = [int(r.headers["Retry-After"]) for r in responses if r.status_code == 429]
     assert all(55 <= wait <= 60 for wait in waits), waits  # the real reset: a minute after the first admitted
     assert len(upstream.received) == 10
-    stored = redis_server.keys()
+    stored = redis_server.stored()
     assert stored and all(name.startswith("{test}:") for name in stored)
     assert not any(b"sk-" in name.encode() + value for name, value in stored.items())  # fingerprints only
 
@@ -127,7 +127,7 @@ def test_with_on_error_open_a_dead_redis_admits_with_a_warning_and_sharing_resum
         assert int(re.search(r"uni_api_shared_state_errors_total (\d+)", metrics)[1]) == 3
         assert "UNREACHABLE" in admin(gateway, "/status")
         redis_server.start()  # a fresh, empty Redis on the same port
-        _until(lambda: chat(gateway).status_code == 200 and bool(redis_server.keys()))
+        _until(lambda: chat(gateway).status_code == 200 and bool(redis_server.stored()))
         assert "uni_api_shared_state_up 1" in admin(gateway, "/metrics")
         assert "Redis answers again" in gateway.log()
 
@@ -161,3 +161,16 @@ def _until(condition: Any, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+def test_gateways_with_different_prefixes_on_one_redis_keep_their_limits_apart(
+        upstream: FakeUpstream, redis_server: RedisServer, make_gateway: Any) -> None:
+    answered = []
+    for prefix in ("team-a", "team-b", "team-a"):
+        config = shared_config(redis_server, upstream, rate_limit="2/min")
+        config["state"]["prefix"] = prefix
+        gateway = make_gateway(config)
+        with gateway.http("sk-client") as client:
+            answered.append([client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(2)])
+    assert answered == [[200, 200], [200, 200], [429, 429]]  # the second team-a gateway finds team-a's window full
+    assert {name.split(":")[0] for name in redis_server.stored()} == {"{team-a}", "{team-b}"}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -224,7 +226,7 @@ def test_version_1_database_is_upgraded_in_place(upstream: FakeUpstream, make_ga
         connection.executescript(V1_SCHEMA)
     _insert_request(db, time.time() - 60, "from-v1")
     gw = start(make_gateway, config(upstream), db)
-    assert rows(db, "PRAGMA user_version")[0][0] == uni_api.SCHEMA_VERSION == 2
+    assert rows(db, "PRAGMA user_version")[0][0] == uni_api.SCHEMA_VERSION == 3
     assert chat(gw, USER_KEY).status_code == 200
     flush(gw)
     found = rows(db, "SELECT model, request_id, key_hash, cached_tokens FROM requests ORDER BY id")
@@ -272,6 +274,7 @@ def test_stats_answer_uni_apis_shape_for_admin_keys_only(
         "model_request_counts": [{"model": "gpt-4o", "count": 2}],
         "endpoint_request_counts": [{"endpoint": "POST /v1/chat/completions", "count": 2}],
         "ip_request_counts": [{"ip": "127.0.0.1", "count": 2}],
+        "instance": f"{socket.gethostname()}:{os.getpid()}",  # which instance answered (hostname:pid)
     }
     assert get(gw, "/v1/stats", hours="0").status_code == 400
 

@@ -63,6 +63,26 @@ def test_more_than_one_worker_without_shared_state_is_refused_naming_what_would_
     assert "rate limits" in out.stderr and "cooldowns" in out.stderr and "--allow-unshared-state" in out.stderr
 
 
+def test_workers_must_be_a_whole_number_of_at_least_one(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(SCRIPT), "--workers", "0"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 2
+    assert "--workers: expected a whole number >= 1, got '0'" in out.stderr
+
+
+def test_workers_that_cannot_start_stop_the_supervisor_with_exit_3(upstream: FakeUpstream, tmp_path: Path) -> None:
+    config = {"providers": [{"provider": "listed", "base_url": f"{upstream.url}/v1/chat/completions", "api": "sk-up"}],
+              "api_keys": [{"api": "sk-client", "preferences": {"ENABLE_MODERATION": True}}]}
+    (tmp_path / "api.yaml").write_text(to_yaml(config))  # discovery finds no moderation model: the lifespan fails
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WORKERS")}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--config", "api.yaml", "--host", "127.0.0.1", "--port", "0",
+                          "--workers", "2", "--allow-unshared-state"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=30, env={**env, "DISABLE_DATABASE": "true"})
+    assert out.returncode == 3
+    assert "could not start; stopping the others" in out.stderr
+    assert "starting another" not in out.stderr
+
+
 def test_two_workers_serve_one_port_share_limits_reload_on_sighup_and_a_dead_one_is_replaced(
         upstream: FakeUpstream, redis_server: RedisServer, tmp_path: Path) -> None:
     config = worker_config(redis_server, upstream, rate_limit="4/min")

@@ -1,4 +1,5 @@
-"""Scheduling end to end: the real gateway against several fake upstreams, judged by what each upstream received.
+"""Scheduling end to end: the real gateway against several fake upstreams, judged by what each upstream received
+(test_scheduler_pure.py tests scheduler.py alone).
 
 Channels are providers up0, up1, ... (one per FakeUpstream, see `simple_config`); a provider with several keys
 is told apart by the `Authorization` header each request carried. Time-based behaviour (cooldowns, benched

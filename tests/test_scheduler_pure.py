@@ -1,3 +1,6 @@
+"""scheduler.py alone: pure functions and the Scheduler object on a FakeClock and a seeded Random, no gateway, no
+network (test_scheduling_through_gateway.py drives the same behaviour end to end)."""
+
 from __future__ import annotations
 
 import itertools
