@@ -368,6 +368,8 @@ class Adapter:
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
         """Forward every field, unknown ones too, with the upstream model name; streams ask for usage."""
         payload = {**body, "model": target.upstream_model}
+        if "messages" in body:  # Gemini thought signatures ride in tool call ids; other engines get the plain id
+            payload["messages"] = plain_tool_ids(body["messages"])
         if payload.get("stream"):  # the gateway counts tokens; it drops the usage chunk if the client did not ask
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
         if not target.provider.tools:
@@ -1195,9 +1197,60 @@ _GEMINI_FINISH_REASONS: Final[Mapping[str, str]] = MappingProxyType({
     "STOP": "stop", "MAX_TOKENS": "length", **dict.fromkeys(
         ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"), "content_filter")})
 # Gemini docs, "Thought signatures" (FAQ): Gemini 3 refuses a replayed function call without the signature its answer
-# carried; history rebuilt from OpenAI messages has none, and this documented value skips the check.
+# carried. The signature rides in the tool call id (encode_signature_id); for a client that dropped it, this
+# documented value skips the check.
 _GEMINI_SKIP_SIGNATURE: Final = "skip_thought_signature_validator"
+SIGNATURE_MARK: Final = "__ts_"
 _GEMINI_SERVED_METHODS: Final = frozenset({"generateContent", "embedContent", "batchEmbedContents", "predict"})
+
+
+def encode_signature_id(call_id: str, signature: str | None) -> str:
+    """A tool call id carrying a Gemini thoughtSignature: `<id>__ts_<signature as unpadded base64url>`.
+
+    Gemini docs, "Thought signatures": a Gemini 3 function call must come back with the signature its answer
+    carried. OpenAI clients send a tool call's id back unchanged (assistant `tool_calls[].id`, tool `tool_call_id`),
+    Anthropic clients likewise (`tool_use.id`, `tool_result.tool_use_id`), so the id is where the signature survives
+    a round trip through any client format. base64url keeps the id within `[A-Za-z0-9_-]` (Claude's id pattern).
+    """
+    if not signature:
+        return call_id
+    return call_id + SIGNATURE_MARK + base64.urlsafe_b64encode(signature.encode()).rstrip(b"=").decode()
+
+
+def decode_signature_id(call_id: str) -> tuple[str, str | None]:
+    """(the id without its signature, the thoughtSignature or None): encode_signature_id read backwards."""
+    base, mark, encoded = call_id.partition(SIGNATURE_MARK)
+    if not mark or not encoded:
+        return call_id, None
+    try:
+        signature = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True).decode()
+        return (base, signature) if signature else (call_id, None)
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError: not ours, leave the id alone
+        return call_id, None
+
+
+def plain_tool_ids(messages: Any) -> Any:
+    """OpenAI messages with signature-carrying tool call ids cut back to their plain ids, for engines other than
+    Gemini (ids there may be length-limited); both ends of each call are cut alike, so they still pair up."""
+    if not isinstance(messages, list):
+        return messages
+    return [_plain_ids(m) if isinstance(m, Mapping) and (m.get("tool_calls") or m.get("tool_call_id")) else m
+            for m in messages]
+
+
+def _plain_id(value: Any) -> Any:
+    return decode_signature_id(value)[0] if isinstance(value, str) and SIGNATURE_MARK in value else value
+
+
+def _plain_ids(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    calls = message.get("tool_calls")
+    if SIGNATURE_MARK not in str(message.get("tool_call_id")) and not (isinstance(calls, list) and any(
+            SIGNATURE_MARK in str(_gemini_map(c).get("id")) for c in calls)):
+        return message
+    plain = {**message, **({"tool_call_id": _plain_id(message["tool_call_id"])} if "tool_call_id" in message else {})}
+    if isinstance(calls, list):
+        plain["tool_calls"] = [{**c, "id": _plain_id(c.get("id"))} if isinstance(c, Mapping) else c for c in calls]
+    return plain
 
 
 def _gemini_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -1298,11 +1351,18 @@ def _gemini_model_turn(message: Mapping[str, Any], names: dict[str, str]) -> tup
     calls = [*(message.get("tool_calls") or ()), *([{"function": message["function_call"]}]
                                                    if isinstance(message.get("function_call"), Mapping) else [])]
     parts = to_gemini_parts(message.get("content"))
-    for i, call in enumerate(_gemini_map(c) for c in calls):
+    signed = []
+    for call in map(_gemini_map, calls):
         function = _gemini_map(call.get("function"))
         names[call.get("id") or ""] = function.get("name") or ""
+        # Google's OpenAI compatibility layer puts the signature in extra_content.google.thought_signature.
+        signature = decode_signature_id(str(call.get("id") or ""))[1] or _gemini_map(
+            _gemini_map(call.get("extra_content")).get("google")).get("thought_signature")
         part = {"functionCall": {"name": function.get("name") or "", "args": _gemini_object(function.get("arguments"))}}
-        parts.append({**part, "thoughtSignature": _GEMINI_SKIP_SIGNATURE} if i == 0 else part)
+        signed.append(bool(signature))
+        parts.append({**part, "thoughtSignature": signature} if signature else part)
+    if calls and not any(signed):  # "Thought signatures": the first call of a step is the one that carries it
+        next(p for p in parts if "functionCall" in p)["thoughtSignature"] = _GEMINI_SKIP_SIGNATURE
     return "model", parts
 
 
@@ -1388,7 +1448,8 @@ def _from_gemini_candidate(candidate: Mapping[str, Any]) -> tuple[str, str, list
         call = part.get("functionCall")
         if isinstance(call, Mapping):
             function = {"name": call.get("name", ""), "arguments": dumps(call.get("args") or {}).decode()}
-            calls.append({"id": new_id("call_"), "type": "function", "function": function})
+            call_id = encode_signature_id(new_id("call_"), part.get("thoughtSignature"))
+            calls.append({"id": call_id, "type": "function", "function": function})
         elif isinstance(part.get("text"), str):
             (thoughts if part.get("thought") else text).append(part["text"])
     return "".join(text), "".join(thoughts), calls
@@ -2578,12 +2639,17 @@ class FaceStream:
 class NativeStream:
     """A native upstream's events relayed as they came; `usage` (OpenAI-shaped) and `done` are read by the relay."""
 
+    media_type: ClassVar[str] = "text/event-stream"
     usage: dict[str, Any] | None = None
     done: bool = False
 
     def on_event(self, event: SSEEvent) -> bytes:
         """The event's frame; an error event first in the stream raises UpstreamError, so another channel can try."""
         raise NotImplementedError
+
+    def end(self) -> list[bytes]:
+        """Frames after the upstream's last event (a format whose stream needs closing, such as a JSON array)."""
+        return []
 
     def fail(self, message: str, status: int) -> list[bytes]:
         raise NotImplementedError
@@ -3954,11 +4020,583 @@ class ResponsesFace(Face):
     def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
         return _ResponsesNative(model, self.on_answer)
 
+# --- Gemini generateContent inbound ---
+# Clients of Gemini's API (Gemini CLI, the google-genai SDKs) reach every channel: Gemini and Vertex-Gemini channels
+# get the body as sent (GeminiFace.native); for any other the request becomes an OpenAI chat request and the answer a
+# GenerateContentResponse. Gemini API reference (ai.google.dev/api): "models.generateContent" (GenerateContentRequest,
+# Content, Part, Tool, ToolConfig, GenerationConfig, GenerateContentResponse, Candidate, FinishReason,
+# UsageMetadata), "models.streamGenerateContent" (with alt=sse one GenerateContentResponse per `data:` event, else
+# one JSON array of them), "models.countTokens", "models.list" / "models.get" (Model), "Schema", and the error
+# model of Google APIs ("API design guide", Errors: google.rpc.Status with code, message and status).
+
+
+# Keys the gateway's route adds to the body (the model and verb come in the URL; alt in the query); never sent.
+GEMINI_ROUTE_KEYS: Final = frozenset({"model", "stream", "alt"})
+# Proto3 JSON takes snake_case field names as well as lowerCamelCase (Google's curl examples use snake_case); the
+# conversions read lowerCamelCase. These fields hold free-form JSON whose keys are the client's own.
+_GEMINI_FREE_FIELDS: Final = frozenset({"args", "response", "parametersJsonSchema", "responseJsonSchema", "default",
+                                        "example", "labels", "enum"})
+# "Tool": besides functionDeclarations, tools that run on Google's side; other engines have no such thing.
+_GEMINI_FUNCTION_TOOLS: Final = "functionDeclarations"
+# "FunctionCallingConfig.Mode" -> OpenAI tool_choice (VALIDATED, like AUTO, lets the model choose).
+_FROM_GEMINI_TOOL_MODES: Final[Mapping[str, str]] = MappingProxyType(
+    {"AUTO": "auto", "VALIDATED": "auto", "ANY": "required", "NONE": "none"})
+# "GenerationConfig" -> OpenAI fields, the Gemini adapter's table read backwards (topK has no OpenAI field and
+# max_tokens, the older name, reaches the most engines).
+_FROM_GEMINI_GENERATION: Final[Mapping[str, str]] = MappingProxyType(
+    {gemini: openai for openai, gemini in reversed(_GEMINI_GENERATION_FIELDS.items()) if openai != "top_k"})
+# OpenAI finish_reason -> "Candidate.FinishReason".
+_TO_GEMINI_FINISH: Final[Mapping[str, str]] = MappingProxyType({
+    "stop": "STOP", "tool_calls": "STOP", "function_call": "STOP", "length": "MAX_TOKENS", "content_filter": "SAFETY"})
+# HTTP status -> google.rpc.Code name ("API design guide", Errors: "Error codes").
+_GOOGLE_STATUS_NAMES: Final[Mapping[int, str]] = MappingProxyType({
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ABORTED",
+    413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"})
+_GEMINI_METHODS: Final = ("generateContent", "streamGenerateContent", "countTokens")
+_MODEL_VERSION_FIELD: Final = re.compile(rb'("modelVersion"\s*:\s*)"(?:[^"\\]|\\.)*"')
+_GEMINI_CONFIG_TYPES: Final[Mapping[str, tuple[type, ...]]] = MappingProxyType({
+    "temperature": (int, float), "topP": (int, float), "topK": (int, float), "maxOutputTokens": (int,),
+    "candidateCount": (int,), "stopSequences": (list,), "responseMimeType": (str,), "thinkingConfig": (dict,),
+    "responseSchema": (dict,), "seed": (int,)})
+_GEMINI_REQUEST_TYPES: Final[Mapping[str, tuple[type, str]]] = MappingProxyType({
+    "tools": (list, "an array"), "safetySettings": (list, "an array"), "toolConfig": (dict, "an object"),
+    "generationConfig": (dict, "an object"), "cachedContent": (str, "a string")})
+
+
+def gemini_error_body(message: str, status: int) -> dict[str, Any]:
+    """Google's error shape: {"error": {"code", "message", "status"}}, status the google.rpc.Code name."""
+    name = _GOOGLE_STATUS_NAMES.get(status) or ("INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
+    return {"error": {"code": status, "message": message, "status": name}}
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(word[:1].upper() + word[1:] for word in rest)
+
+
+def gemini_camel(value: Any) -> Any:
+    """A request with every field name in lowerCamelCase, leaving free-form JSON and schema property names as sent."""
+    if isinstance(value, list):
+        return [gemini_camel(item) for item in value]
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        key = _camel(key) if "_" in key.strip("_") else key
+        if key in _GEMINI_FREE_FIELDS:
+            out[key] = item
+        elif key == "properties" and isinstance(item, Mapping):
+            out[key] = {name: gemini_camel(schema) for name, schema in item.items()}
+        else:
+            out[key] = gemini_camel(item)
+    return out
+
+
+def _check(ok: bool, message: str, param: str) -> None:
+    if not ok:
+        raise RequestError(message, param)
+
+
+def _check_parts(parts: Any, param: str) -> None:
+    _check(isinstance(parts, list) and all(isinstance(p, dict) for p in parts), f"'{param}' must be an array of "
+           "Part objects.", param)
+    for i, part in enumerate(parts):
+        where = f"{param}[{i}]"
+        _check(isinstance(part.get("text", ""), str), f"'{where}.text' must be a string.", where)
+        for kind in ("inlineData", "fileData", "functionCall", "functionResponse"):
+            _check(isinstance(part.get(kind, {}), dict), f"'{where}.{kind}' must be an object.", where)
+        _check("name" in part.get("functionCall", {"name": ""}) and "name" in part.get("functionResponse", {
+            "name": ""}), f"'{where}' needs the function's 'name'.", where)
+        _check(isinstance(part.get("inlineData", {}).get("data", ""), str), f"'{where}.inlineData.data' must be "
+               "a base64 string.", where)
+
+
+def validate_gemini(body: Mapping[str, Any]) -> str:
+    """The shape checks of a GenerateContentRequest that the conversions rely on; returns the model."""
+    request = gemini_camel(body)
+    model = request.get("model")
+    _check(isinstance(model, str) and bool(model), "The model name is required.", "model")
+    contents = request.get("contents")
+    _check(isinstance(contents, list) and bool(contents) and all(isinstance(c, dict) for c in contents),
+           "'contents' is required and must be a non-empty array of Content objects.", "contents")
+    for i, content in enumerate(contents):
+        _check(content.get("role") in (None, "", "user", "model", "function"),
+               f"'contents[{i}].role' must be 'user' or 'model'.", f"contents[{i}].role")
+        _check_parts(content.get("parts"), f"contents[{i}].parts")
+    system = request.get("systemInstruction")
+    if system is not None:
+        _check(isinstance(system, (dict, str)), "'systemInstruction' must be a Content object.", "systemInstruction")
+        _check_parts(system.get("parts") if isinstance(system, dict) else [], "systemInstruction.parts")
+    for name, (kind, noun) in _GEMINI_REQUEST_TYPES.items():
+        _check(isinstance(request.get(name, kind()), kind), f"'{name}' must be {noun}.", name)
+    for i, tool in enumerate(request.get("tools") or ()):
+        declarations = tool.get(_GEMINI_FUNCTION_TOOLS, []) if isinstance(tool, dict) else None
+        _check(isinstance(declarations, list) and all(isinstance(d, dict) and isinstance(d.get("name"), str)
+                                                      for d in declarations),
+               f"'tools[{i}].functionDeclarations' must be an array of declarations with a 'name'.", f"tools[{i}]")
+    _check_generation(request.get("generationConfig") or {})
+    return str(model)
+
+
+def _check_generation(config: Mapping[str, Any]) -> None:
+    for name, kinds in _GEMINI_CONFIG_TYPES.items():
+        value = config.get(name)
+        _check(value is None or (isinstance(value, kinds) and not isinstance(value, bool)),
+               f"'generationConfig.{name}' has the wrong type.", f"generationConfig.{name}")
+    _check(all(isinstance(s, str) for s in config.get("stopSequences") or ()),
+           "'generationConfig.stopSequences' must be an array of strings.", "generationConfig.stopSequences")
+
+
+def _from_gemini_type(value: Any) -> Any:
+    """"Schema.type" is an enum spelled in capitals (OBJECT, STRING...); JSON Schema spells types in lower case."""
+    return value.lower() if isinstance(value, str) and value != "TYPE_UNSPECIFIED" else None
+
+
+def from_gemini_schema(schema: Any) -> Any:
+    """A Gemini "Schema" (the OpenAPI subset) as JSON Schema: lower-case types, `nullable` as a null type, int64
+    counts (proto JSON strings) as numbers; propertyOrdering and example have no JSON Schema meaning."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties",) and isinstance(value, Mapping):
+            out[key] = {name: from_gemini_schema(item) for name, item in value.items()}
+        elif key in ("items", "anyOf"):
+            out[key] = [from_gemini_schema(v) for v in value] if isinstance(value, list) else from_gemini_schema(value)
+        elif key == "type":
+            out[key] = _from_gemini_type(value)
+        elif key not in ("nullable", "propertyOrdering", "example"):
+            out[key] = int(value) if isinstance(value, str) and value.isdigit() and key.startswith(("min", "max")) \
+                else value
+    if schema.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def _data_url(blob: Mapping[str, Any]) -> str:
+    return f"data:{blob.get('mimeType') or 'application/octet-stream'};base64,{blob.get('data') or ''}"
+
+
+def _from_inline_data(blob: Mapping[str, Any]) -> dict[str, Any]:
+    """"Blob" as an OpenAI part: images as image_url, wav/mp3 as input_audio, other media (PDF...) as a file."""
+    mime = str(blob.get("mimeType") or "")
+    if mime.startswith("image/"):
+        return {"type": "image_url", "image_url": {"url": _data_url(blob)}}
+    audio = mime.removeprefix("audio/").replace("mpeg", "mp3")
+    if mime.startswith("audio/") and audio in ("wav", "mp3"):
+        return {"type": "input_audio", "input_audio": {"data": blob.get("data") or "", "format": audio}}
+    return {"type": "file", "file": {"file_data": _data_url(blob)}}
+
+
+def _from_file_data(file: Mapping[str, Any]) -> dict[str, Any]:
+    """"FileData": an http(s) image URL converts; File API and gs:// URIs are readable by Gemini alone."""
+    uri = str(file.get("fileUri") or "")
+    if str(file.get("mimeType") or "image/").startswith("image/") and uri.startswith(("http://", "https://")):
+        return {"type": "image_url", "image_url": {"url": uri}}
+    raise RequestError(f"fileData '{uri}' can be read by a Gemini channel only; this model has none.",
+                       "contents.parts.fileData")
+
+
+# "Part" data -> OpenAI content part, for user turns.
+_FROM_GEMINI_PARTS: Final[Mapping[str, Callable[[Mapping[str, Any]], dict[str, Any]]]] = MappingProxyType({
+    "text": lambda part: {"type": "text", "text": part["text"]},
+    "inlineData": lambda part: _from_inline_data(part["inlineData"]),
+    "fileData": lambda part: _from_file_data(part["fileData"]),
+})
+
+
+def _part_kind(part: Mapping[str, Any]) -> str:
+    """The part's data field; one no other engine has (executableCode, codeExecutionResult...) is refused."""
+    kind = next((k for k in (*_FROM_GEMINI_PARTS, "functionCall", "functionResponse") if k in part), None)
+    name = next((k for k in part if k not in ("thoughtSignature", "thought", "videoMetadata")), None)
+    if kind is None and name is not None:
+        raise RequestError(f"'{name}' parts need a Gemini channel; this model has none.", "contents.parts")
+    return kind or ""  # "": a part carrying no data (a bare signature)
+
+
+def _from_gemini_part(part: Mapping[str, Any]) -> dict[str, Any] | None:
+    kind = _part_kind(part)
+    if part.get("thought") or not kind:
+        return None  # the model's own thoughts: meaningful to Gemini alone
+    return _FROM_GEMINI_PARTS[kind](part)
+
+
+def _from_gemini_system(system: Any) -> list[dict[str, Any]]:
+    parts = system.get("parts") if isinstance(system, Mapping) else [{"text": system}] if system else []
+    text = "\n".join(str(p.get("text") or "") for p in parts or () if isinstance(p, Mapping) and "text" in p)
+    return [{"role": "system", "content": text}] if text else []
+
+
+def _from_gemini_call(part: Mapping[str, Any], turn: int, position: int) -> dict[str, Any]:
+    """A functionCall part as an OpenAI tool call; its id carries the part's thoughtSignature."""
+    call = part["functionCall"]
+    call_id = encode_signature_id(str(call.get("id") or f"call_{turn}_{position}"), part.get("thoughtSignature"))
+    arguments = dumps(call.get("args") or {}).decode()
+    return {"id": call_id, "type": "function", "function": {"name": call.get("name") or "", "arguments": arguments}}
+
+
+def _from_gemini_model(parts: list[Mapping[str, Any]], turn: int) -> list[dict[str, Any]]:
+    """A model turn as one assistant message: its text (thoughts left out), then its function calls."""
+    for part in parts:
+        _part_kind(part)
+    text = "".join(str(p["text"]) for p in parts if "text" in p and not p.get("thought"))
+    calls = [_from_gemini_call(p, turn, i) for i, p in enumerate(parts) if "functionCall" in p]
+    if not text and not calls:
+        return []
+    return [{"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}]
+
+
+def _result_text(response: Any) -> str:
+    """A functionResponse.response object as tool message text; {"output": text} and {"content": text}, the forms
+    Google's guides and SDKs use, as the bare text."""
+    if isinstance(response, Mapping) and len(response) == 1:
+        value = next(iter(response.values()))
+        if next(iter(response)) in ("output", "content", "result") and isinstance(value, str):
+            return value
+    return dumps(response if response is not None else {}).decode()
+
+
+def _pair_call(response: Mapping[str, Any], pending: list[dict[str, Any]]) -> str:
+    """The id of the call a functionResponse answers: by its id, else the first open call of its name."""
+    match = [c for c in pending if response.get("id") and decode_signature_id(c["id"])[0] == response["id"]] or [
+        c for c in pending if c["function"]["name"] == response.get("name")] or pending[:1]
+    if not match:
+        return str(response.get("id") or f"call_{response.get('name') or 'result'}")
+    pending.remove(match[0])
+    return str(match[0]["id"])
+
+
+def _from_gemini_user(parts: list[Mapping[str, Any]], pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """functionResponse parts first, as tool messages (OpenAI wants them right after the calls), then the rest."""
+    messages: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": _pair_call(p["functionResponse"], pending),
+         "content": _result_text(p["functionResponse"].get("response"))}
+        for p in parts if "functionResponse" in p]
+    content = [c for c in (_from_gemini_part(p) for p in parts if "functionResponse" not in p) if c]
+    if content:
+        single = len(content) == 1 and content[0]["type"] == "text"
+        messages.append({"role": "user", "content": content[0]["text"] if single else content})
+    return messages
+
+
+def from_gemini_contents(contents: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """"Content" turns as OpenAI messages, each functionResponse paired with the call it answers."""
+    messages: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # the calls of the last model turn not answered yet
+    for turn, content in enumerate(contents):
+        parts = [p for p in content.get("parts") or () if isinstance(p, Mapping)]
+        if content.get("role") == "model":
+            messages += _from_gemini_model(parts, turn)
+            pending = [dict(call) for m in messages[-1:] for call in m.get("tool_calls") or ()]
+        else:
+            messages += _from_gemini_user(parts, pending)
+    return messages
+
+
+def _from_gemini_declaration(declaration: Mapping[str, Any]) -> dict[str, Any]:
+    """"FunctionDeclaration": `parameters` (the Schema subset) or `parametersJsonSchema` (JSON Schema as is)."""
+    parameters = declaration.get("parametersJsonSchema")
+    if parameters is None:
+        parameters = from_gemini_schema(declaration.get("parameters")) or {"type": "object", "properties": {}}
+    function = {"name": declaration.get("name"), "parameters": parameters}
+    if declaration.get("description"):
+        function["description"] = declaration["description"]
+    return {"type": "function", "function": function}
+
+
+def _from_gemini_tool_choice(config: Any) -> Any:
+    calling = _gemini_map(_gemini_map(config).get("functionCallingConfig"))
+    choice = _FROM_GEMINI_TOOL_MODES.get(str(calling.get("mode") or "AUTO").upper(), "auto")
+    names = calling.get("allowedFunctionNames") or []
+    if choice == "required" and len(names) == 1:
+        return {"type": "function", "function": {"name": names[0]}}
+    return choice
+
+
+def _add_gemini_tools(request: dict[str, Any], body: Mapping[str, Any]) -> None:
+    tools: list[dict[str, Any]] = []
+    for tool in body.get("tools") or ():
+        for kind in tool:
+            if kind != _GEMINI_FUNCTION_TOOLS:  # googleSearch, codeExecution, urlContext...: Google runs them
+                raise RequestError(f"The '{kind}' tool runs on Gemini channels only; this model has none.", "tools")
+        tools += [_from_gemini_declaration(d) for d in tool.get(_GEMINI_FUNCTION_TOOLS) or ()]
+    if tools:
+        request["tools"] = tools
+        request["tool_choice"] = _from_gemini_tool_choice(body.get("toolConfig"))
+
+
+def _from_gemini_thinking(thinking: Mapping[str, Any]) -> str | None:
+    """"ThinkingConfig": a thinkingLevel (Gemini 3) by name. A thinkingBudget leaves the target's default: Gemini CLI
+    sends one with every request, and OpenAI models without reasoning refuse any reasoning_effort."""
+    level = thinking.get("thinkingLevel")
+    return level.lower() if isinstance(level, str) and level.lower() in _GEMINI_THINKING_BUDGETS else None
+
+
+def _response_format_of(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """responseMimeType application/json with responseJsonSchema or responseSchema as json_schema, else json_object."""
+    if config.get("responseMimeType") != "application/json":
+        return None
+    schema = config.get("responseJsonSchema") or from_gemini_schema(config.get("responseSchema"))
+    if not schema:
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+
+
+def _from_gemini_generation(config: Mapping[str, Any]) -> dict[str, Any]:
+    request = {name: config[field] for field, name in _FROM_GEMINI_GENERATION.items() if config.get(field) is not None}
+    if config.get("stopSequences"):
+        request["stop"] = list(config["stopSequences"])
+    effort, response_format = _from_gemini_thinking(_gemini_map(config.get("thinkingConfig"))), \
+        _response_format_of(config)
+    return {**request, **({"reasoning_effort": effort} if effort else {}),
+            **({"response_format": response_format} if response_format else {})}
+
+
+def from_gemini_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A GenerateContentRequest as an OpenAI chat request, the model still the client's alias. safetySettings have
+    no meaning elsewhere and stay behind."""
+    request = gemini_camel(body)
+    if request.get("cachedContent"):
+        raise RequestError("'cachedContent' lives on Gemini's side; this model has no Gemini channel.",
+                           "cachedContent")
+    messages = _from_gemini_system(request.get("systemInstruction")) + from_gemini_contents(request["contents"])
+    chat: dict[str, Any] = {"model": body.get("model"), "messages": messages,
+                            **_from_gemini_generation(_gemini_map(request.get("generationConfig")))}
+    _add_gemini_tools(chat, request)
+    if body.get("stream"):  # usage arrives only at the end of an OpenAI stream, and only when asked for
+        chat.update(stream=True, stream_options={"include_usage": True})
+    return chat
+
+
+def to_gemini_usage(usage: Any) -> dict[str, Any] | None:
+    """CompletionUsage as "UsageMetadata": reasoning tokens are thoughtsTokenCount, apart from candidatesTokenCount
+    (the Gemini adapter's _gemini_usage read backwards)."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    thoughts = int(_gemini_map(usage.get("completion_tokens_details")).get("reasoning_tokens") or 0)
+    cached = int(_gemini_map(usage.get("prompt_tokens_details")).get("cached_tokens") or 0)
+    metadata = {"promptTokenCount": prompt, "candidatesTokenCount": max(0, completion - thoughts),
+                "totalTokenCount": int(usage.get("total_tokens") or prompt + completion)}
+    return {**metadata, **({"thoughtsTokenCount": thoughts} if thoughts else {}),
+            **({"cachedContentTokenCount": cached} if cached else {})}
+
+
+def _to_gemini_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call as a functionCall part; a signature its id carries goes back on the part."""
+    function = _gemini_map(call.get("function"))
+    call_id, signature = decode_signature_id(str(call.get("id") or ""))
+    part: dict[str, Any] = {"functionCall": {**({"id": call_id} if call_id else {}), "name": function.get("name") or "",
+                                             "args": _tool_input(function.get("arguments"))}}
+    return {**part, "thoughtSignature": signature} if signature else part
+
+
+def _to_gemini_parts(message: Mapping[str, Any], thoughts: bool = True) -> list[dict[str, Any]]:
+    reasoning, text = _thinking_of(message), message.get("content") or message.get("refusal")
+    parts = [{"text": reasoning, "thought": True}] if thoughts and isinstance(reasoning, str) and reasoning else []
+    if text:
+        parts.append({"text": text if isinstance(text, str) else _text_of(text)})
+    return parts + [_to_gemini_call(call) for call in message.get("tool_calls") or () if isinstance(call, Mapping)]
+
+
+def _to_gemini_finish(reason: Any) -> str:
+    return _TO_GEMINI_FINISH.get(reason or "stop", "OTHER")
+
+
+def wants_thoughts(body: Mapping[str, Any]) -> bool:
+    """"ThinkingConfig.includeThoughts": thought parts are in the answer only when the request asked for them."""
+    config = _gemini_map(body.get("generationConfig") or body.get("generation_config"))
+    thinking = _gemini_map(config.get("thinkingConfig") or config.get("thinking_config"))
+    return bool(thinking.get("includeThoughts") or thinking.get("include_thoughts"))
+
+
+def to_gemini_response(completion: Mapping[str, Any], model: str, thoughts: bool = True) -> dict[str, Any]:
+    """An OpenAI chat.completion as a GenerateContentResponse, one candidate per choice."""
+    candidates = [{"content": {"role": "model", "parts": _to_gemini_parts(_gemini_map(choice.get("message")),
+                                                                          thoughts) or [
+        {"text": ""}]}, "finishReason": _to_gemini_finish(choice.get("finish_reason")),
+        "index": choice.get("index", i)} for i, choice in enumerate(map(_gemini_map, completion.get("choices") or ()))]
+    return _gemini_fields({"candidates": candidates, "usageMetadata": to_gemini_usage(completion.get("usage")),
+                           "modelVersion": model, "responseId": completion.get("id")})
+
+
+@dataclass
+class GeminiStream(FaceStream):
+    """OpenAI chunks as streamGenerateContent frames: with alt=sse one `data:` event per GenerateContentResponse
+    (CRLF-terminated, as Google frames them), else the elements of one JSON array. Text and thoughts go out as
+    they come; a function call goes out whole, in the last frame, with finishReason and usageMetadata."""
+
+    model: str
+    sse: bool = True
+    thoughts: bool = True  # reasoning as thought parts (includeThoughts)
+    response_id: str | None = None
+    opened: bool = False  # the JSON array's "[" is out
+    calls: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # (choice, tool call index) -> call
+    finish: dict[int, str] = field(default_factory=dict)
+    usage: Any = None
+
+    @property
+    def media_type(self) -> str:
+        return "text/event-stream" if self.sse else "application/json"
+
+    def frame(self, response: Mapping[str, Any]) -> bytes:
+        if self.sse:
+            return b"data: " + dumps(response) + b"\r\n\r\n"
+        opening, self.opened = (b"\n," if self.opened else b"["), True
+        return opening + dumps(response)
+
+    def response(self, candidates: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
+        return _gemini_fields({"candidates": candidates, "usageMetadata": usage, "modelVersion": self.model,
+                               "responseId": self.response_id})
+
+    def add_call(self, index: int, call: Mapping[str, Any]) -> None:
+        function = _gemini_map(call.get("function"))
+        seen = self.calls.setdefault((index, call.get("index", 0)), {"id": "", "function": {
+            "name": "", "arguments": ""}})
+        seen["id"] = seen["id"] or call.get("id") or ""
+        seen["function"]["name"] = seen["function"]["name"] or function.get("name") or ""
+        seen["function"]["arguments"] += function.get("arguments") or ""
+
+    def on_chunk(self, chunk: Mapping[str, Any]) -> list[bytes]:
+        self.usage, self.response_id = chunk.get("usage") or self.usage, self.response_id or chunk.get("id")
+        candidates = []
+        for choice in map(_gemini_map, chunk.get("choices") or ()):
+            index, delta = choice.get("index", 0), _gemini_map(choice.get("delta"))
+            for call in delta.get("tool_calls") or ():
+                self.add_call(index, _gemini_map(call))
+            if choice.get("finish_reason"):
+                self.finish[index] = choice["finish_reason"]
+            parts = _to_gemini_parts({"content": delta.get("content"), "reasoning_content": _thinking_of(delta)},
+                                     self.thoughts)
+            if parts:
+                candidates.append({"content": {"role": "model", "parts": parts}, "index": index})
+        return [self.frame(self.response(candidates))] if candidates else []
+
+    def end(self) -> list[bytes]:
+        candidates = [{"content": {"role": "model", "parts": [
+            _to_gemini_call(call) for key, call in sorted(self.calls.items()) if key[0] == index] or [{"text": ""}]},
+            "finishReason": _to_gemini_finish(self.finish.get(index)), "index": index}
+            for index in sorted({*self.finish, *(key[0] for key in self.calls)} or {0})]
+        last = self.frame(self.response(candidates, to_gemini_usage(self.usage)))
+        return [last] if self.sse else [last, b"\n]"]
+
+    def fail(self, message: str, status: int) -> list[bytes]:
+        """A failure after the commit: Google's error object as the last event (or array element)."""
+        return [self.frame(gemini_error_body(message, status)), *(() if self.sse else (b"\n]",))]
+
+
+def rename_model_version(raw: bytes, model: str) -> bytes:
+    """`raw` with each "modelVersion" set to the client's alias, every other byte as the upstream sent it."""
+    return _MODEL_VERSION_FIELD.sub(lambda match: match.group(1) + dumps(model), raw)
+
+
+@dataclass
+class GeminiNativeStream(GeminiStream, NativeStream):
+    """A Gemini channel's stream (always asked for with alt=sse) relayed event by event, framed as the client asked;
+    only modelVersion changes. An error event first fails the attempt, so another channel can try."""
+
+    done: bool = False
+
+    def on_event(self, event: SSEEvent) -> bytes:
+        native = _load_event(event)
+        if "error" in native and not self.opened and not self.done:
+            raise _stream_error(native)
+        self.usage = _gemini_usage(native.get("usageMetadata")) or self.usage
+        self.done = self.done or "error" in native or any(
+            _gemini_map(c).get("finishReason") for c in native.get("candidates") or ())
+        data = rename_model_version(event.data.encode(), self.model)
+        if self.sse:
+            return b"data: " + data + b"\r\n\r\n"
+        opening, self.opened = (b"\n," if self.opened else b"["), True
+        return opening + data
+
+    def end(self) -> list[bytes]:
+        return [] if self.sse else [b"\n]" if self.opened else b"[]"]
+
+
+class GeminiNativeAdapter(GeminiAdapter):
+    """A GenerateContentRequest sent as it came, but for the keys the route added; the model is in the URL."""
+
+    def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
+        stripped = GEMINI_ROUTE_KEYS if target.provider.tools else GEMINI_ROUTE_KEYS | {"tools", "toolConfig",
+                                                                                        "tool_config"}
+        return self.apply_overrides({k: v for k, v in body.items() if k not in stripped}, target)
+
+    def build_count_tokens_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
+        """"models.countTokens": the same URL with the countTokens verb, the body as sent."""
+        url = self.url("chat", {}, target).rsplit(":", 1)[0] + ":countTokens"
+        return UpstreamRequest("POST", url, self.headers(target), json=self.payload(body, target))
+
+
+class VertexGeminiNativeAdapter(GeminiNativeAdapter, VertexGeminiAdapter):
+    pass
+
+
+def estimate_gemini_tokens(body: Mapping[str, Any]) -> int:
+    """"models.countTokens" for channels that cannot count: about 4 characters per token over the text of the
+    system instruction, contents and tools; each inline or file medium counts as one full-size image."""
+    request = gemini_camel(body)
+    request = _gemini_map(request.get("generateContentRequest")) or request
+    parts = [p for c in [request.get("systemInstruction"), *(request.get("contents") or ())]
+             for p in _gemini_map(c).get("parts") or () if isinstance(p, Mapping)]
+    media = sum(1 for p in parts if "inlineData" in p or "fileData" in p)
+    chars = _text_length([[p for p in parts if "inlineData" not in p and "fileData" not in p], request.get("tools")])
+    return max(1, -(-(chars + media * _IMAGE_TOKEN_ESTIMATE * 4) // 4))
+
+
+def gemini_model(alias: str) -> dict[str, Any]:
+    """"Model" for an alias the key may use: what the gateway knows of it (limits depend on the channel)."""
+    return {"name": f"models/{alias}", "baseModelId": alias, "version": "uni-api", "displayName": alias,
+            "description": f"{alias} through uni-api", "supportedGenerationMethods": list(_GEMINI_METHODS)}
+
+
+class GeminiFace(Face):
+    """Gemini's generateContent API (Gemini CLI, the google-genai SDKs); errors in Google's shape. The route puts
+    the model, the verb's stream flag and the alt query parameter into the body (GEMINI_ROUTE_KEYS)."""
+
+    name = "gemini"
+    native = MappingProxyType({a.engine: a for a in (GeminiNativeAdapter(), VertexGeminiNativeAdapter())})
+
+    def validate(self, body: Mapping[str, Any]) -> str:
+        return validate_gemini(body)
+
+    def to_chat(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return from_gemini_request(body)
+        except RequestError as exc:  # a Gemini channel later in the plan may take it
+            raise UpstreamError(400, exc.message, retryable=True) from None
+
+    def user_text(self, body: Mapping[str, Any]) -> str:
+        """The last user turn's text parts, for moderation."""
+        users = [c for c in body.get("contents") or () if isinstance(c, Mapping) and c.get("role") != "model"]
+        parts = (users[-1].get("parts") or ()) if users else ()
+        return "\n".join(p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str))
+
+    def from_chat(self, completion: dict[str, Any], body: Mapping[str, Any], model: str) -> dict[str, Any]:
+        return to_gemini_response(completion, model, wants_thoughts(body))
+
+    def stream(self, body: Mapping[str, Any], model: str) -> GeminiStream:
+        return GeminiStream(model, sse=body.get("alt") == "sse", thoughts=wants_thoughts(body))
+
+    def error_body(self, message: str, status: int, type_: str, code: str | None) -> dict[str, Any]:
+        return gemini_error_body(message, status)
+
+    def native_stream(self, body: Mapping[str, Any], model: str) -> GeminiNativeStream:
+        return GeminiNativeStream(model, sse=body.get("alt") == "sse")
+
+    def native_answer(self, raw: bytes, model: str) -> tuple[bytes, dict[str, Any] | None]:
+        try:
+            usage = _gemini_usage(_gemini_map(loads(raw)).get("usageMetadata"))
+        except (JSONDecodeError, ValueError, RecursionError):
+            usage = None
+        return rename_model_version(raw, model), usage
+
 
 # --- The faces, by name (uni_api.py's routes pick theirs here) ---
 
 FACES: Final[Mapping[str, Face]] = MappingProxyType(
-    {face.name: face for face in (_CHAT, MessagesFace(), ResponsesFace())})
+    {face.name: face for face in (_CHAT, MessagesFace(), ResponsesFace(), GeminiFace())})
 
 # --- Engine inference ---
 

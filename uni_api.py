@@ -896,9 +896,11 @@ def _dedupe(channels: Iterator[Channel]) -> list[Channel]:
 
 
 def authenticate(request: Request, config: Config) -> ApiKey:
-    """`Authorization: Bearer <key>` or `x-api-key`, looked up by digest and compared in constant time."""
+    """`Authorization: Bearer <key>`, `x-api-key`, or as Gemini clients send it `x-goog-api-key` or `?key=`; looked
+    up by digest and compared in constant time."""
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else (
+        request.headers.get("x-api-key") or google_key(request))
     if not token:
         raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
     key = find_key(config, token)
@@ -906,6 +908,11 @@ def authenticate(request: Request, config: Config) -> ApiKey:
     if record is not None:  # the request log names the key (by its prefix) on every route
         record.key = key
     return key
+
+
+def google_key(request: Request) -> str:
+    """The key as Google's APIs take it ("API keys": the x-goog-api-key header or the `key` query parameter)."""
+    return request.headers.get("x-goog-api-key") or request.query_params.get("key") or ""
 
 
 def find_key(config: Config, token: str) -> ApiKey:
@@ -2820,7 +2827,7 @@ async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping
         response.close()
         raise
     frames = _relay_native(stream, first, events, response, timeout, record, gw.config.secrets)
-    return StreamingResponse(frames, media_type="text/event-stream", headers=_STREAM_HEADERS)
+    return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
 
 
 async def anext_or_fail(events: AsyncIterator[T]) -> T:
@@ -2842,6 +2849,7 @@ async def _relay_native(stream: adapters.NativeStream, first: bytes, events: Asy
                 yield stream.on_event(event)
         if not stream.done:
             raise UpstreamError(502, "upstream stream ended before its last event")
+        last = stream.end()
     except UpstreamError as exc:
         last = stream.fail(_stream_failure(exc, secrets), 502)
     finally:
@@ -2993,6 +3001,94 @@ async def compact_response(request: Request) -> Response:
     channels_for(gw, key, model)  # 403 / 404 as for any request
     raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
                            f"and none serves it; compact the conversation with an ordinary request instead.")
+
+# --- Gemini inbound ---
+# Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta
+# and /v1: models.generateContent, models.streamGenerateContent, models.countTokens, models.list and models.get.
+# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_is_gemini_route). /v1/models
+# and /v1/models/{model} answer in Gemini's shape to a Gemini client (its key in x-goog-api-key or ?key=), else
+# in OpenAI's.
+
+
+async def gemini_models(request: Request) -> Response:
+    """"models.list": the models the key may use, one page (no nextPageToken)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    models = [adapters.gemini_model(alias) for alias in gw.routes[key.token].channels]
+    return _json_response(adapters.dumps({"models": models}))
+
+
+async def gemini_model(request: Request) -> Response:
+    """"models.get": a model the key may use (404 or 403 as a generation request would get)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"].removeprefix("models/")
+    channels_for(gw, key, alias)
+    return _json_response(adapters.dumps(adapters.gemini_model(alias)))
+
+
+async def v1_models(request: Request) -> Response:
+    return await (gemini_models if google_key(request) else list_models)(request)
+
+
+async def v1_model(request: Request) -> Response:
+    """GET /v1/models/{model}: Gemini's models.get for a Gemini client, else OpenAI's "Retrieve model"."""
+    if google_key(request):
+        return await gemini_model(request)
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"]
+    channels_for(gw, key, alias)
+    listing = adapters.loads(gw.routes[key.token].models_body)["data"]
+    return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
+
+
+_GEMINI_FACE: Final = adapters.FACES["gemini"]
+# The colon verbs of models.* that take a body ("models.generateContent", "models.streamGenerateContent",
+# "models.countTokens").
+_GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
+
+
+def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
+    """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = _GEMINI_FACE.native.get(channel.engine)
+        if not isinstance(native, adapters.GeminiNativeAdapter):
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        response = await _open(gw, gw.config.policies[channel.provider],
+                               native.build_count_tokens_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            return _json_response(await _read(response, timeout))
+        finally:
+            response.release()
+
+    return send
+
+
+async def gemini_generate(request: Request) -> Response:
+    """POST .../models/{model}:{verb}: the path and query become the body's model, stream and alt keys, then the
+    face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
+    naming it."""
+    request.state.face = _GEMINI_FACE
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
+    if verb not in _GEMINI_VERBS or not model:
+        raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
+    body = {**await read_json(request, gw.config.body_limit), "model": model,
+            "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
+    record = _track(request, key, model)
+    native = any(channel.engine in _GEMINI_FACE.native for channel in channels_for(gw, key, model))
+    if verb == "countTokens":
+        if not native:
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
+    checked(_GEMINI_FACE.validate, body)
+    if not native:
+        checked(adapters.from_gemini_request, body)
+    return await until_disconnect(request, face_flow(gw, key, model, _GEMINI_FACE, body, request.headers, record))
 
 
 # --- Stats routes and the request log ---
@@ -3198,10 +3294,18 @@ _FACE_BY_PATH: Final[Mapping[str, Face]] = MappingProxyType(
     {"/v1/messages": adapters.FACES["messages"], "/v1/messages/count_tokens": adapters.FACES["messages"]})
 
 
+def _is_gemini_route(request: Request) -> bool:
+    """Gemini's routes, whose paths carry the model: anything under /v1beta, a colon verb after the model under /v1,
+    and /v1/models for a Gemini client (its key in x-goog-api-key or ?key=)."""
+    path = request.url.path
+    return path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or bool(google_key(request))))
+
+
 def _envelope(request: Request, message: str, type_: str, code: str | None, status: int,
               headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
     """The error in the shape of the request's face (OpenAI's envelope where none was chosen yet)."""
-    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES["chat"]
+    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES[
+        "gemini" if _is_gemini_route(request) else "chat"]
     body = face.error_body(message, status, type_, code)
     if param is not None and isinstance(body.get("error"), dict) and "param" in body["error"]:
         body["error"]["param"] = param
@@ -3424,7 +3528,12 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
+        Route("/v1beta/models", gemini_models, methods=["GET"]),
+        Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
+        Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
+        Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
         Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
         Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
