@@ -47,7 +47,7 @@ except ImportError:  # the universal .pex carries no compiled modules
 
     JSONDecodeError = ValueError
 
-Endpoint = Literal["chat", "embeddings", "images", "transcriptions", "speech", "moderations", "models"]
+Endpoint = Literal["chat", "embeddings", "images", "transcriptions", "speech", "moderations", "models", "compact"]
 StreamFormat = Literal["sse", "aws"]
 
 # --- Records ---
@@ -2538,15 +2538,21 @@ _RESPONSES_STREAM_HANDLERS: Final[
 })
 
 
+# "Responses": the answer itself, and "Compact a response" (POST /responses/compact), which only this engine serves.
+_RESPONSES_PATHS: Final[Mapping[str, str]] = MappingProxyType(
+    {"chat": _RESPONSES_SUFFIX, "compact": _RESPONSES_SUFFIX + "/compact"})
+
+
 class ResponsesAdapter(Adapter):
     """OpenAI's Responses API as an upstream: chat in, Responses out, and the answer back as chat.
     Its other endpoints (embeddings, models, ...) sit next to /responses, as gpt's sit next to /chat/completions."""
 
     engine = "responses"
+    endpoints = frozenset({*_OPENAI_PATHS, "compact"})
 
     def url(self, endpoint: Endpoint, body: Mapping[str, Any], target: Target) -> str:
         base = target.provider.base_url.rstrip("/").removesuffix(_RESPONSES_SUFFIX).removesuffix(_CHAT_SUFFIX)
-        return base + (_RESPONSES_SUFFIX if endpoint == "chat" else _OPENAI_PATHS[endpoint])
+        return base + (_RESPONSES_PATHS.get(endpoint) or _OPENAI_PATHS[endpoint])
 
     def payload(self, body: Mapping[str, Any], target: Target) -> dict[str, Any]:
         request = {"model": target.upstream_model, **to_responses_request(body, target.provider.tools)}

@@ -2992,15 +2992,20 @@ async def delete_response(request: Request) -> Response:
 
 
 async def compact_response(request: Request) -> Response:
-    """POST /v1/responses/compact: no channel of the gateway compacts yet (the Responses-native engine will pass it
-    through), so a clean 4xx in OpenAI's envelope after the usual key and model checks."""
+    """POST /v1/responses/compact ("Compact a response"): passed through to the model's Responses-native channels,
+    the answer relayed as it came; without one, a clean 4xx in OpenAI's envelope after the usual checks."""
     request.state.face = adapters.FACES["responses"]
     gw = _gateway(request)
     key = authenticate(request, gw.config)
-    model = checked(adapters.require_model, await read_json(request, gw.config.body_limit))
-    channels_for(gw, key, model)  # 403 / 404 as for any request
-    raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
-                           f"and none serves it; compact the conversation with an ordinary request instead.")
+    body = await read_json(request, gw.config.body_limit)
+    model = checked(adapters.require_model, body)
+    if not any("compact" in ADAPTERS[channel.engine].endpoints for channel in channels_for(gw, key, model)):
+        raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
+                               f"and none serves it; compact the conversation with an ordinary request instead.")
+    record = _track(request, key, model)
+    send = endpoint_sender(gw, "compact", body, model, record=record)
+    return await until_disconnect(request, dispatch(gw, key, model, send, record))
+
 
 # --- Gemini inbound ---
 # Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta

@@ -413,3 +413,17 @@ def test_native_adapter_sends_a_responses_body_as_it_came_with_the_upstream_mode
     assert request.json == {**body, "model": "gpt-4.1-2025-04-14"}
     without_tools = Target(Provider("r", "responses", PROVIDER.base_url, tools=False), "m", "k")
     assert "tools" not in native.payload(body, without_tools)
+
+
+def test_compact_passes_through_to_a_responses_native_channel_for_the_openai_sdk(upstream: FakeUpstream,
+                                                             make_gateway: MakeGateway) -> None:
+    compacted = {"id": "resp_c1", "object": "response.compaction", "created_at": 1, "output": [
+        {"type": "compaction", "id": "cmp_1", "encrypted_content": "opaque"}],
+        "usage": {"input_tokens": 9, "output_tokens": 2, "total_tokens": 11}}
+    upstream.enqueue(json=compacted)
+    client = make_gateway(responses_config(upstream)).client("sk-client")
+    answer = client.responses.compact(model="codex", input=[{"role": "user", "content": "hi"}])
+    assert answer.output[0].encrypted_content == "opaque"
+    sent = upstream.received[-1]
+    assert sent.path == "/v1/responses/compact" and sent.json["model"] == "gpt-5-codex"
+    assert sent.headers["Authorization"] == "Bearer sk-resp-secret"
