@@ -4104,7 +4104,7 @@ def _check(ok: bool, message: str, param: str) -> None:
         raise RequestError(message, param)
 
 
-def _check_parts(parts: Any, param: str) -> None:
+def _check_gemini_parts(parts: Any, param: str) -> None:
     _check(isinstance(parts, list) and all(isinstance(p, dict) for p in parts), f"'{param}' must be an array of "
            "Part objects.", param)
     for i, part in enumerate(parts):
@@ -4129,11 +4129,11 @@ def validate_gemini(body: Mapping[str, Any]) -> str:
     for i, content in enumerate(contents):
         _check(content.get("role") in (None, "", "user", "model", "function"),
                f"'contents[{i}].role' must be 'user' or 'model'.", f"contents[{i}].role")
-        _check_parts(content.get("parts"), f"contents[{i}].parts")
+        _check_gemini_parts(content.get("parts"), f"contents[{i}].parts")
     system = request.get("systemInstruction")
     if system is not None:
         _check(isinstance(system, (dict, str)), "'systemInstruction' must be a Content object.", "systemInstruction")
-        _check_parts(system.get("parts") if isinstance(system, dict) else [], "systemInstruction.parts")
+        _check_gemini_parts(system.get("parts") if isinstance(system, dict) else [], "systemInstruction.parts")
     for name, (kind, noun) in _GEMINI_REQUEST_TYPES.items():
         _check(isinstance(request.get(name, kind()), kind), f"'{name}' must be {noun}.", name)
     for i, tool in enumerate(request.get("tools") or ()):
