@@ -1,8 +1,21 @@
 """uni-api: one OpenAI-compatible endpoint in front of many LLM providers.
 
-Owns the CLI, reading and validating api.yaml into frozen records, authentication, the request flow
-(plan, attempt, failover), the shared aiohttp session and the one renderer of OpenAI error envelopes.
-Wire formats live in adapters.py and scheduling arithmetic in scheduler.py.
+Owns the CLI, reading api.yaml into frozen records, authentication, the request flow (admission, failover,
+attempts), the shared aiohttp session, stats and the one renderer of error envelopes. Wire formats, and the
+client APIs ("faces": OpenAI chat, Anthropic Messages, OpenAI Responses, Gemini), live in adapters.py;
+scheduling arithmetic in scheduler.py. The sections follow a request:
+
+  Config        constants, errors, config records, parsing, loading; routing (which channels serve what)
+  App           Gateway (one config's runtime state), create_app, start-up, config reload
+  Routes        face_route (one per client API), the error renderer, then routes particular to Anthropic
+                count_tokens, the OpenAI Responses store and compact, and Gemini's paths
+  Auth          client keys; request bodies (size cap, Content-Encoding)
+  Request flow  face_flow: admission (rate limits), moderation, failover over channels and keys (Flow)
+  Shared state  the same limits, cooldowns and key benches through Redis, when `state:` is set
+  Attempts      face_sender, chat_sender, native_attempt: one try of one channel, a stream committed at its
+                first output and relayed in the client's format; transport (timeouts, OAuth tokens)
+  Operations    stats, the request log, /metrics, /status, connection guards, --workers
+  CLI           main() -> run()
 """
 
 from __future__ import annotations
@@ -81,6 +94,7 @@ from scheduler import (
 
 # --- Constants ---
 
+
 VERSION: Final = (Path(__file__).with_name("VERSION").read_text().strip()
                   if Path(__file__).with_name("VERSION").exists() else "0.0.0")
 STARTUP_FAILURE: Final = 3
@@ -103,6 +117,7 @@ DEFAULT_STATE_PREFIX: Final = "uni-api"
 DEFAULT_STATE_TIMEOUT: Final = 0.25  # seconds: connect and reply; a dead Redis never holds a request longer
 
 logger = logging.getLogger("uni_api")
+
 
 # --- Errors ---
 
@@ -167,6 +182,7 @@ class ClientDisconnected(Exception):
 _HTTP_ERROR_TYPES: Final[Mapping[int, str]] = MappingProxyType(
     {404: "invalid_request_error", 405: "invalid_request_error"}
 )
+
 
 # --- Config records ---
 
@@ -251,6 +267,7 @@ class Config:
 
 
 # --- Config parsing ---
+
 
 _ENV_PATTERN: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE_UNITS: Final[Mapping[str, int]] = MappingProxyType(
@@ -892,6 +909,668 @@ def _dedupe(channels: Iterator[Channel]) -> list[Channel]:
     return list(seen.values())
 
 
+# --- App: the gateway's state, create_app, start-up and config reload ---
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Per-app runtime state, owned by the lifespan.
+
+    One instance serves one config: a reload builds a new one with `replace()` (sharing the scheduler,
+    sessions and stats) and swaps `app.state.gateway` in one assignment. A request takes the current one
+    once, at its start, so it finishes on the config it started with. Never mutate a field in place.
+    """
+
+    config: Config
+    routes: Mapping[str, KeyRoutes]
+    known_models: frozenset[str]
+    scheduler: Scheduler
+    session: aiohttp.ClientSession
+    tokens: TokenCache
+    socks_sessions: Mapping[str, aiohttp.ClientSession] = field(default_factory=dict)
+    recent: AttemptStats = field(default_factory=lambda: AttemptStats())
+    loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
+    stats: Stats = field(default_factory=lambda: Stats())  # statistics and metrics; started and closed by the lifespan
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore())  # stored responses, kept across reloads
+    shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
+    instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
+
+
+async def discover_models(config: Config, session: aiohttp.ClientSession,
+                          tokens: TokenCache) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Model lists of providers without `model:`, from their models endpoint; a failure is a warning."""
+
+    async def one(provider: Provider) -> tuple[str, tuple[tuple[str, str], ...]]:
+        adapter = ADAPTERS[provider.engine]
+        try:  # an adapter that cannot list models raises UpstreamError from build_models_request
+            token = await tokens.get(provider) if adapter.auth == "google-oauth" else None
+            target = Target(provider, "", provider.api_keys[0] if provider.api_keys else "", token, time.time())
+            request = adapter.build_models_request(target)
+            async with session.request(request.method, request.url, headers=dict(request.headers),
+                                       timeout=aiohttp.ClientTimeout(total=DISCOVERY_TIMEOUT)) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise adapter.parse_error(response.status, body)
+                names = adapter.parse_models(adapters.loads(body))
+        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("provider %s: could not list its models (%s); it serves none until a restart or reload",
+                           provider.name, _redact_secrets(str(exc) or type(exc).__name__, config.secrets))
+            return provider.name, ()
+        return provider.name, tuple((name, name) for name in names)
+
+    pending = [one(p) for p in config.providers.values() if not p.models]
+    return dict(await asyncio.gather(*pending)) if pending else {}
+
+
+def _socks_session(proxy: str) -> aiohttp.ClientSession:
+    from aiohttp_socks import ProxyConnector  # optional; checked when the config was parsed
+
+    return aiohttp.ClientSession(connector=ProxyConnector.from_url(proxy), timeout=aiohttp.ClientTimeout(total=None))
+
+
+async def build_gateway(config: Config, base: Gateway, socks: dict[str, aiohttp.ClientSession]) -> Gateway:
+    """A gateway for `config` sharing `base`'s runtime state (scheduler, sessions, stats), at startup and on reload.
+
+    Model discovery, routes and the moderation check run here; a ConfigError leaves `base` serving. The
+    scheduler is shared, so unchanged channels (value-equal records) keep their cooldowns and rate windows.
+    """
+    base.tokens.forget(n for n, p in config.providers.items() if base.config.providers.get(n, p) != p)
+    routes, known = build_routes(config, await discover_models(config, base.session, base.tokens), int(time.time()))
+    check_moderation(config, routes)
+    for proxy in {p.proxy for p in config.policies.values() if p.proxy and p.proxy.startswith("socks")} - set(socks):
+        socks[proxy] = _socks_session(proxy)  # closed with the others when the app stops
+    return replace(base, config=config, routes=routes, known_models=known, loaded_at=time.time())
+
+
+async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.ClientSession]) -> bool:
+    """Load and validate `source`, then swap `app.state.gateway` in one assignment; a bad config is one log line."""
+    try:
+        gateway = await build_gateway(await reload_config(source), app.state.gateway, socks)
+    except ConfigError as exc:
+        logger.error("config reload failed, the running config stays: %s", exc)
+        return False
+    if gateway.config.state != app.state.gateway.config.state:
+        logger.warning("config reload: changes to state: (shared state) take effect at the next start")
+    app.state.gateway = gateway
+    logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
+    return True
+
+
+def file_signature(source: str) -> tuple[int, int] | None:
+    """A local config's mtime and size (one stat, cheap to poll); None for a URL or a path that cannot be read."""
+    if _is_url(source):
+        return None
+    try:
+        stat = os.stat(source)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+async def watch_config(source: str, poll_s: float, wake: asyncio.Event, reload: Callable[[], Awaitable[bool]]) -> None:
+    """Reload when `wake` is set (SIGHUP), and when a local file's signature changed (polled every `poll_s`)."""
+    seen = file_signature(source)
+    interval = poll_s if poll_s > 0 and not _is_url(source) else None
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        current = file_signature(source)
+        if wake.is_set() or current != seen:
+            wake.clear()
+            seen = current
+            try:
+                await reload()
+            except Exception:  # a bug in one reload must not end reloading for the life of the process
+                logger.exception("config reload failed unexpectedly; the running config stays")
+
+
+def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` on SIGHUP and return the undo; a no-op without SIGHUP (Windows) or off the main thread."""
+    sighup = getattr(signal, "SIGHUP", None)
+    loop = asyncio.get_running_loop()
+    if sighup is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    try:
+        loop.add_signal_handler(sighup, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # a loop without signal support
+        return lambda: None
+    return lambda: loop.remove_signal_handler(sighup)
+
+
+@contextlib.asynccontextmanager
+async def config_reloading(app: Starlette, source: str | None, poll_s: float,
+                           socks: dict[str, aiohttp.ClientSession]) -> AsyncIterator[None]:
+    """While the app runs, reload `source` on SIGHUP and when the file changes; nothing without a source."""
+    if source is None:
+        yield
+        return
+    wake = asyncio.Event()
+    undo = _on_sighup(wake.set)
+    task = asyncio.ensure_future(watch_config(source, poll_s, wake, lambda: reload_gateway(app, source, socks)))
+    try:
+        yield
+    finally:
+        undo()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def instance_id() -> str:
+    """$INSTANCE_ID, else hostname:pid: which worker or instance answered."""
+    return os.environ.get("INSTANCE_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def start_shared_state(options: StateOptions | None) -> SharedState | None:
+    """The Redis client for `state:`; an unreachable Redis is a warning, as on_error then decides each request."""
+    if options is None:
+        return None
+    shared = SharedState(options)
+    if await shared.start():
+        logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
+                    options.prefix, options.on_error)
+    return shared
+
+
+async def _start_stats(stats: Stats) -> None:
+    try:
+        await stats.start()
+    except StatsError as exc:  # uvicorn exits with code 3, like a bad config
+        logger.error("error: %s", exc)
+        raise
+
+
+def release_startup_memory() -> None:
+    """Return the heap that startup freed (compiling the source, the YAML tree) to the OS: glibc keeps it
+    otherwise, and it would count in the idle RSS for the life of the process. A no-op off glibc."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def create_app(config: Config, *, scheduler: Scheduler | None = None, source: str | None = None,
+               poll_seconds: float | None = None, stats_options: StatsOptions | None = None) -> Starlette:
+    """The Starlette app serving `config`; runtime state is made in its lifespan.
+
+    `stats_options` says where statistics go (the CLI reads them from the environment); without it they stay
+    in memory, for /metrics only.
+
+    With `source` (the path or URL `config` came from) the config reloads on SIGHUP and, for a file, when
+    its mtime or size changes, checked every `poll_seconds` (default $CONFIG_POLL_SECONDS, else 2; 0: never).
+    """
+    poll_s = _env_float("CONFIG_POLL_SECONDS", CONFIG_POLL_SECONDS) if poll_seconds is None else poll_seconds
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        socks: dict[str, aiohttp.ClientSession] = {}
+        stats = Stats(stats_options)
+        shared = await start_shared_state(config.state)
+        try:
+            await _start_stats(stats)
+            base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
+                           TokenCache(session), socks, stats=stats, shared=shared, instance=instance_id())
+            try:
+                app.state.gateway = await build_gateway(config, base, socks)
+            except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
+                logger.error("error: %s", exc)
+                raise
+            release_startup_memory()
+            async with config_reloading(app, source, poll_s, socks):
+                yield
+        finally:
+            await stats.close()
+            if shared is not None:
+                await shared.close()
+            for open_session in (session, *socks.values()):
+                await open_session.close()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/models", v1_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
+        Route("/v1beta/models", gemini_models, methods=["GET"]),
+        Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
+        Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
+        Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
+        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
+        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/compact", compact_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+        Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
+        Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
+        Route("/v1/moderations", json_endpoint("moderations", "omni-moderation-latest"), methods=["POST"]),
+        Route("/v1/audio/speech", json_endpoint("speech"), methods=["POST"]),
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/status", status_page, methods=["GET"]),
+        Route("/v1/stats", stats_summary, methods=["GET"]),
+        Route("/v1/token_usage", token_usage, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    handlers: dict[Any, Any] = {GatewayError: render_error, HTTPException: render_error,
+                                ClientDisconnected: render_error, Exception: render_error}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
+                     middleware=[Middleware(RequestLog)])
+
+
+# --- Routes ---
+
+
+def _gateway(request: Request) -> Gateway:
+    """The gateway of the current config; a request takes it once, so a reload cannot change it midway."""
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def face_route(face: Face) -> Callable[[Request], Awaitable[Response]]:
+    """The route of one client API: auth, the body, the face's checks, then the flow; errors in the face's shape."""
+
+    async def handle(request: Request) -> Response:
+        request.state.face = face
+        gw = _gateway(request)
+        key = authenticate(request, gw.config)
+        body = await read_json(request, gw.config.body_limit)
+        model = checked(face.validate, body)
+        record = _track(request, key, model)
+        return await until_disconnect(request, face_flow(gw, key, model, face, body, request.headers, record))
+
+    return handle
+
+
+def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        gw = _gateway(request)
+        key = authenticate(request, gw.config)
+        body = await read_json(request, gw.config.body_limit)
+        model = checked(adapters.require_model, body, default_model)
+        record = _track(request, key, model)
+        send = endpoint_sender(gw, endpoint, body, model, record=record)
+        return await until_disconnect(request, dispatch(gw, key, model, send, record))
+
+    return handle
+
+
+async def transcriptions(request: Request) -> Response:
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    form = parse_multipart(await read_body(request, gw.config.body_limit), request.headers.get("content-type", ""))
+    model = checked(adapters.require_model, dict((k, v) for k, v in form if isinstance(v, str)))
+    record = _track(request, key, model)
+    send = endpoint_sender(gw, "transcriptions", None, model, form, record)
+    return await until_disconnect(request, dispatch(gw, key, model, send, record))
+
+
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    return _json_response(gw.routes[key.token].models_body)
+
+
+async def healthz(request: Request) -> Response:
+    return _json_response(b'{"status":"ok"}')
+
+
+def _track(request: Request, key: ApiKey, model: str) -> RequestRecord | None:
+    """The request's stats record (made by RequestLog), now naming its key and model."""
+    record: RequestRecord | None = getattr(request.state, "record", None)
+    if record is not None:
+        record.key, record.model = key, model
+    return record
+
+
+# --- Errors rendered in one place ---
+# Routes whose clients expect another API's error shape even before their handler ran (unknown method, ...).
+_FACE_BY_PATH: Final[Mapping[str, Face]] = MappingProxyType(
+    {"/v1/messages": adapters.FACES["messages"], "/v1/messages/count_tokens": adapters.FACES["messages"]})
+
+
+def _is_gemini_route(request: Request) -> bool:
+    """Gemini's routes, whose paths carry the model: anything under /v1beta, a colon verb after the model under /v1,
+    and /v1/models for a Gemini client (its key in x-goog-api-key or ?key=)."""
+    path = request.url.path
+    return path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or bool(google_key(request))))
+
+
+def _envelope(request: Request, message: str, type_: str, code: str | None, status: int,
+              headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    """The error in the shape of the request's face (OpenAI's envelope where none was chosen yet)."""
+    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES[
+        "gemini" if _is_gemini_route(request) else "chat"]
+    body = face.error_body(message, status, type_, code)
+    if param is not None and isinstance(body.get("error"), dict) and "param" in body["error"]:
+        body["error"]["param"] = param
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def render_error(request: Request, exc: Exception) -> Response:
+    path = request.url.path
+    if isinstance(exc, GatewayError):
+        return _envelope(request, exc.message, exc.type, exc.code, exc.status, exc.headers, exc.param)
+    if isinstance(exc, HTTPException):
+        type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+        return _envelope(request, str(exc.detail), type_, None, exc.status_code, exc.headers)
+    if isinstance(exc, ClientDisconnected):
+        return Response(status_code=499)
+    logger.exception("unexpected error on %s", path)
+    record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
+    headers = {"x-request-id": record.request_id} if record is not None else None
+    return _envelope(request, "Internal error in the gateway.", "server_error", None, 500, headers)
+
+
+# --- Anthropic count_tokens ---
+# "Count tokens in a Message" for clients of the Messages API: a channel that counts (the Anthropic API) answers,
+# any other gets the gateway's estimate.
+
+
+def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
+    """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        if channel.engine not in adapters.COUNTING_ENGINES:
+            return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
+        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
+        response = await _open(gw, gw.config.policies[channel.provider],
+                               native.build_count_tokens_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            return _json_response(await _read(response, timeout))
+        finally:
+            response.release()
+
+    return send
+
+
+async def count_tokens(request: Request) -> Response:
+    """"Count tokens in a Message": passed to a channel that counts when one serves the model, else estimated
+    without spending the key's rate limit."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    request.state.face = adapters.FACES["messages"]
+    model = checked(adapters.FACES["messages"].validate, body)
+    record = _track(request, key, model)
+    channels = channels_for(gw, key, model)
+    if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
+        return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
+    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
+
+
+# --- OpenAI Responses: the store behind previous_response_id, GET / DELETE, compact ---
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    owner: bytes  # digest of the key that made it: only that key reads or deletes it
+    response: Mapping[str, Any]  # the response object as its client got it
+    items: tuple[Any, ...]  # its input (previous context included) and output items: what a chained request continues
+    size: int
+    stored_at: float
+
+
+class ResponseStore:
+    """Recent responses for previous_response_id, item_reference inputs and GET / DELETE /v1/responses/{id}, capped
+    by StoreLimits (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the
+    current limits."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._bytes = 0
+        self._items: dict[str, str] = {}  # output item id -> the stored response holding it
+
+    def put(self, owner: bytes, response: Mapping[str, Any], items: Sequence[Any], limits: StoreLimits) -> None:
+        size = len(adapters.dumps(response)) + len(adapters.dumps(list(items)))
+        self._pop(str(response["id"]))
+        if size > limits.max_bytes or not limits.max_count:
+            return
+        self._entries[str(response["id"])] = StoredResponse(owner, response, tuple(items), size, self._clock())
+        self._items.update((str(item["id"]), str(response["id"])) for item in _output_items(response))
+        self._bytes += size
+        self._evict(limits)
+
+    def item(self, item_id: str, owner: bytes, limits: StoreLimits) -> Mapping[str, Any] | None:
+        """An output item of a stored response, by its id (what an item_reference input names)."""
+        found = self.get(self._items.get(item_id, ""), owner, limits)
+        return next((item for item in _output_items(found.response) if item["id"] == item_id), None) if found else None
+
+    def get(self, response_id: str, owner: bytes, limits: StoreLimits) -> StoredResponse | None:
+        self._evict(limits)
+        found = self._entries.get(response_id)
+        return found if found is not None and hmac.compare_digest(found.owner, owner) else None
+
+    def delete(self, response_id: str, owner: bytes, limits: StoreLimits) -> bool:
+        return self.get(response_id, owner, limits) is not None and self._pop(response_id)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def _pop(self, response_id: str) -> bool:
+        gone = self._entries.pop(response_id, None)
+        if gone is not None:
+            self._bytes -= gone.size
+            for item in _output_items(gone.response):
+                self._items.pop(str(item["id"]), None)
+        return gone is not None
+
+    def _evict(self, limits: StoreLimits) -> None:
+        oldest = self._clock() - limits.max_age
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if (len(self._entries) <= limits.max_count and self._bytes <= limits.max_bytes
+                    and first.stored_at > oldest):
+                return
+            self._pop(next(iter(self._entries)))
+
+
+def _output_items(response: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    return (item for item in response.get("output") or () if isinstance(item, Mapping) and item.get("id"))
+
+
+class ResponseNotFound(GatewayError):
+    status, type = 404, "invalid_request_error"
+
+
+class CompactNotServed(GatewayError):
+    """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
+    a client does not retry it (Codex calls compact only for its built-in `openai` provider, codex-rs
+    compact.rs should_use_remote_compact_task; a custom provider compacts with an ordinary request)."""
+
+    status, type, code = 404, "invalid_request_error", "compact_not_supported"
+
+
+def _chained(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The body with the stored context of its previous_response_id before its input (400 when it is unknown)."""
+    previous = body.get("previous_response_id")
+    if not previous:
+        return body
+    stored = gw.responses.get(previous, owner, gw.config.responses_store)
+    if stored is None:
+        error = adapters.previous_not_found(previous)
+        raise InvalidRequest(error.message, code=error.code, param=error.param)
+    return adapters.chain_input(list(stored.items), body)
+
+
+def _dereferenced(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """item_reference inputs replaced by the stored items they name (the AI SDK sends earlier answers so when
+    `store` is on); one the store does not hold gets OpenAI's 400."""
+    items = body.get("input")
+    if not isinstance(items, list) or not any(item.get("type") == "item_reference" for item in items):
+        return body
+    resolved = []
+    for i, item in enumerate(items):
+        found = gw.responses.item(str(item.get("id")), owner, gw.config.responses_store) if item.get(
+            "type") == "item_reference" else item
+        if found is None:
+            raise InvalidRequest(f"Item with id '{item.get('id')}' not found.", param=f"input[{i}]")
+        resolved.append(found)
+    return {**body, "input": resolved}
+
+
+def _keeper(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Callable[[dict[str, Any]], None] | None:
+    """What stores a finished response (unless the client said store: false)."""
+    if body.get("store") is False:
+        return None
+    limits = gw.config.responses_store
+
+    def keep(response: dict[str, Any]) -> None:
+        gw.responses.put(owner, response, adapters.stored_items(body, response), limits)
+
+    return keep
+
+
+async def responses(request: Request) -> Response:
+    """POST /v1/responses: the face's flow, with previous_response_id resolved and the answer stored."""
+    request.state.face = face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = checked(face.validate, body)
+    owner = _digest(key.token)
+    previous = body.get("previous_response_id")
+    body = _chained(gw, owner, _dereferenced(gw, owner, body))
+    storing = adapters.ResponsesFace(_keeper(gw, owner, body), previous)
+    record = _track(request, key, model)
+    return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
+
+
+def _stored_request(request: Request) -> tuple[Gateway, bytes, str]:
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    return gw, _digest(authenticate(request, gw.config).token), request.path_params["response_id"]
+
+
+async def get_response(request: Request) -> Response:
+    """"Get a model response": a stored one, for the key that made it."""
+    gw, owner, response_id = _stored_request(request)
+    found = gw.responses.get(response_id, owner, gw.config.responses_store)
+    if found is None:
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return _json_response(adapters.dumps(found.response))
+
+
+async def delete_response(request: Request) -> Response:
+    """"Delete a model response": {id, object: response.deleted, deleted: true}."""
+    gw, owner, response_id = _stored_request(request)
+    if not gw.responses.delete(response_id, owner, gw.config.responses_store):
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def compact_response(request: Request) -> Response:
+    """POST /v1/responses/compact ("Compact a response"): passed through to the model's Responses-native channels,
+    the answer relayed as it came; without one, a clean 4xx in OpenAI's envelope after the usual checks."""
+    request.state.face = adapters.FACES["responses"]
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    body = await read_json(request, gw.config.body_limit)
+    model = checked(adapters.require_model, body)
+    if not any("compact" in ADAPTERS[channel.engine].endpoints for channel in channels_for(gw, key, model)):
+        raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
+                               f"and none serves it; compact the conversation with an ordinary request instead.")
+    record = _track(request, key, model)
+    send = endpoint_sender(gw, "compact", body, model, record=record)
+    return await until_disconnect(request, dispatch(gw, key, model, send, record))
+
+
+# --- Gemini inbound ---
+# Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta
+# and /v1: models.generateContent, models.streamGenerateContent, models.countTokens, models.list and models.get.
+# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_is_gemini_route). /v1/models
+# and /v1/models/{model} answer in Gemini's shape to a Gemini client (its key in x-goog-api-key or ?key=), else
+# in OpenAI's.
+
+
+async def gemini_models(request: Request) -> Response:
+    """"models.list": the models the key may use, one page (no nextPageToken)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    models = [adapters.gemini_model(alias) for alias in gw.routes[key.token].channels]
+    return _json_response(adapters.dumps({"models": models}))
+
+
+async def gemini_model(request: Request) -> Response:
+    """"models.get": a model the key may use (404 or 403 as a generation request would get)."""
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"].removeprefix("models/")
+    channels_for(gw, key, alias)
+    return _json_response(adapters.dumps(adapters.gemini_model(alias)))
+
+
+async def v1_models(request: Request) -> Response:
+    return await (gemini_models if google_key(request) else list_models)(request)
+
+
+async def v1_model(request: Request) -> Response:
+    """GET /v1/models/{model}: Gemini's models.get for a Gemini client, else OpenAI's "Retrieve model"."""
+    if google_key(request):
+        return await gemini_model(request)
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    alias = request.path_params["model"]
+    channels_for(gw, key, alias)
+    listing = adapters.loads(gw.routes[key.token].models_body)["data"]
+    return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
+
+
+_GEMINI_FACE: Final = adapters.FACES["gemini"]
+# The colon verbs of models.* that take a body ("models.generateContent", "models.streamGenerateContent",
+# "models.countTokens").
+_GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
+
+
+def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
+    """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        native = _GEMINI_FACE.native.get(channel.engine)
+        if not isinstance(native, adapters.GeminiNativeAdapter):
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        response = await _open(gw, gw.config.policies[channel.provider],
+                               native.build_count_tokens_request(body, target), timeout)
+        try:
+            await _check_status(response, native, timeout)
+            return _json_response(await _read(response, timeout))
+        finally:
+            response.release()
+
+    return send
+
+
+async def gemini_generate(request: Request) -> Response:
+    """POST .../models/{model}:{verb}: the path and query become the body's model, stream and alt keys, then the
+    face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
+    naming it."""
+    request.state.face = _GEMINI_FACE
+    gw = _gateway(request)
+    key = authenticate(request, gw.config)
+    model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
+    if verb not in _GEMINI_VERBS or not model:
+        raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
+    body = {**await read_json(request, gw.config.body_limit), "model": model,
+            "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
+    record = _track(request, key, model)
+    native = any(channel.engine in _GEMINI_FACE.native for channel in channels_for(gw, key, model))
+    if verb == "countTokens":
+        if not native:
+            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
+        return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
+    checked(_GEMINI_FACE.validate, body)
+    if not native:
+        checked(adapters.from_gemini_request, body)
+    return await until_disconnect(request, face_flow(gw, key, model, _GEMINI_FACE, body, request.headers, record))
+
+
 # --- Auth and request bodies ---
 
 
@@ -1102,6 +1781,1064 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[tuple[str, Any], ..
     if not fields:
         raise InvalidRequest("The multipart body has no fields.")
     return tuple(fields)
+
+
+# --- Request flow: admission, moderation, failover ---
+
+
+async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
+                    client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
+    """Admission, then moderation when the key has it on, then the attempts."""
+    channels = await admitted_channels(gw, key, model)
+    if key.moderation:
+        await moderate(gw, key, face.user_text(body))
+    return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
+
+
+def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+    channels = gw.routes[key.token].channels.get(model)
+    if channels:
+        return channels
+    if model in gw.known_models:
+        raise ModelNotAllowed(f"This API key may not use the model '{model}'.")
+    shown = model if len(model) <= 200 else model[:200] + "..."  # errors never echo a request back whole
+    raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
+
+
+async def _keys(flow: Flow, policy: Policy, model: str) -> AsyncIterator[int | None]:
+    """The indexes of the provider's keys to try for one request, in scheduled order and each at most once, while
+    the request may spend more and a key is free (not benched, under its api_key_rate_limit); a provider without
+    keys gets one turn, index None. A key is taken only when its turn comes."""
+    if policy.keys.size == 0:
+        if flow.can_spend():
+            yield None
+        return
+    tried: list[int] = []
+    while flow.can_spend() and (index := await _acquire_key(flow.gw, policy, model, tried)) is not None:
+        tried.append(index)
+        yield index
+
+
+async def _acquire_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
+    if gw.shared is not None and policy.keys.rate_limits is not None:
+        return await shared_key(gw, gw.shared, policy, model, tried)
+    return gw.scheduler.acquire_key(policy.keys, model, tried)
+
+
+@dataclass(slots=True)
+class Flow:
+    """One client request on its way through the attempts: whose key asks for which model, what the request may
+    still spend (attempts under AUTO_RETRY; time under request_timeout, set by its first channel) and what
+    failed so far."""
+
+    gw: Gateway
+    key: ApiKey
+    model: str
+    record: RequestRecord | None = None
+    attempts_left: float = math.inf
+    deadline: float | None = None
+    failures: list[tuple[Channel, UpstreamError]] = field(default_factory=list)
+
+    def start_clock(self, first_timeout: float) -> None:
+        if self.deadline is None:
+            cap = self.gw.config.request_timeout
+            cap = 2 * first_timeout if cap is None else cap or math.inf
+            self.deadline = time.monotonic() + cap
+
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def can_spend(self) -> bool:
+        return self.attempts_left > 0 and self.time_left() > 0
+
+    def log_attempt(self, channel: Channel, index: int | None, status: int, started: float, why: str) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        if self.record is not None:
+            self.record.add_attempt(channel, index, status, ms)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("attempt key=%s provider=%s model=%s key_index=%s status=%d ms=%.1f %s", self.key.label,
+                        channel.provider, channel.upstream_model, "none" if index is None else index, status, ms,
+                        why)
+
+
+class _OutOfTime(UpstreamError):
+    """The request's time cap ended an attempt: the channel did not fail on its own terms, so it is not cooled."""
+
+
+class _NotServed(UpstreamError):
+    """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
+
+
+async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
+    """Admit one request of `key` for `model`, then fail over across its channels."""
+    return await failover(gw, key, model, await admitted_channels(gw, key, model), send, record)
+
+
+async def admitted_channels(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
+    """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
+    channels = channels_for(gw, key, model)
+    if gw.shared is None:
+        wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
+    else:
+        wait = await shared_admit(gw, gw.shared, key, model, channels)
+    if wait:
+        raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
+    return channels
+
+
+async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
+                   record: RequestRecord | None = None) -> Response:
+    """Try `channels` in scheduled order, each key of a channel at most once."""
+    flow = Flow(gw, key, model, record, math.inf if key.retries is None else key.retries + 1)
+    for channel in gw.scheduler.plan(key.token, channels, key.strategy):
+        response = await _try_channel(flow, channel, send)
+        if response is not None:
+            return response
+    raise _all_failed(model, flow.failures)
+
+
+async def _try_channel(flow: Flow, channel: Channel, send: Sender) -> Response | None:
+    """The channel's keys in turn until one answers or a failure is the channel's; failures go on `flow`."""
+    gw = flow.gw
+    policy = gw.config.policies[channel.provider]
+    timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
+    flow.start_clock(timeout)
+    tried = False
+    async for index in _keys(flow, policy, channel.upstream_model):
+        tried, left = True, flow.time_left()
+        flow.attempts_left -= 1
+        started = time.perf_counter()
+        outcome = await _attempt(flow, channel, index, timeout, send, left)
+        gw.recent.record(channel, outcome, time.perf_counter() - started)
+        if isinstance(outcome, Response):
+            return outcome
+        flow.failures.append((channel, outcome))
+        if not outcome.retryable:
+            raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
+                               code="upstream_error")
+        if isinstance(outcome, _OutOfTime):
+            flow.attempts_left = 0
+        elif isinstance(outcome, _NotServed):
+            flow.attempts_left += 1  # nothing was sent upstream
+        elif outcome.status in _KEY_FAILURES and index is not None:
+            await key_failed(gw, policy, index, outcome.retry_after)
+            continue
+        else:
+            await channel_failed(gw, channel)
+        return None
+    if not flow.can_spend():
+        return None
+    if tried:  # every key failed this request: the channel failed
+        await channel_failed(gw, channel)
+    else:
+        flow.failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
+    return None
+
+
+async def _attempt(flow: Flow, channel: Channel, index: int | None, timeout: float, send: Sender,
+                   left: float = math.inf) -> Response | UpstreamError:
+    """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
+    gw = flow.gw
+    provider = gw.config.providers[channel.provider]
+    adapter = ADAPTERS[channel.engine]
+    started = time.perf_counter()
+
+    async def send_once() -> Response:
+        token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
+        api_key = "" if index is None else provider.api_keys[index]
+        return await send(channel, adapter, Target(provider, channel.upstream_model, api_key, token, time.time()),
+                          timeout)
+
+    try:
+        response = await _within(None if left == math.inf else left, send_once())
+    except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
+        exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
+        flow.log_attempt(channel, index, exc.status, started, f"stopping: {exc.message}")
+        return exc
+    except UpstreamError as exc:
+        exc.message = _redact_secrets(exc.message, gw.config.secrets)
+        flow.log_attempt(channel, index, exc.status, started, f"moving on: {exc.message}")
+        return exc
+    if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
+        await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
+    flow.log_attempt(channel, index, response.status_code, started, "")
+    return response
+
+
+async def _within(seconds: float | None, work: Awaitable[T]) -> T:
+    """`await work`, raising TimeoutError after `seconds`. asyncio.timeout (3.11+) cancels this task in place;
+    asyncio.wait_for, the 3.10 fallback, runs `work` in a task of its own (one more per attempt there)."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(work, seconds)
+    async with asyncio.timeout(seconds):
+        return await work
+
+
+def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -> AllChannelsFailed:
+    statuses = {error.status for _, error in failures}
+    status = 504 if statuses <= {504} else 503 if statuses <= {429, 503} else 502  # none tried: out of time
+    reasons = "; ".join(f"{c.provider}/{c.upstream_model}: {e}" for c, e in failures) or "no channel was tried"
+    if statuses == {400}:  # every channel refused the request as converted for it (a hosted tool, ...): the client's
+        return AllChannelsFailed(f"No channel for '{model}' can take this request: {reasons}", status=400,
+                                 type_="invalid_request_error")
+    return AllChannelsFailed(f"All channels failed for '{model}': {reasons}", status=status)
+
+
+async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`, cancelling it (and the upstream call inside) if the client disconnects first.
+
+    `work` runs in this task and only the watcher gets a task of its own: one task per request, not two.
+    The watcher's callback runs while this task waits, so it never cancels a task that already moved on."""
+    current = asyncio.current_task()
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+
+    def on_disconnect(done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is None and current is not None:
+            current.cancel()
+
+    watcher.add_done_callback(on_disconnect)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        watcher.remove_done_callback(on_disconnect)
+        watcher.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- Moderation (api_keys[].preferences.ENABLE_MODERATION) ---
+
+
+class ContentFlagged(GatewayError):
+    status, type, code = 400, "invalid_request_error", "content_policy_violation"
+
+
+_NO_MODERATION_MODEL: Final = (f"moderation is on but this key's model rules reach no moderation model "
+                               f"({' or '.join(MODERATION_MODELS)})")
+
+
+def unmoderated_keys(config: Config, routes: Mapping[str, KeyRoutes]) -> list[int]:
+    """Indexes of the keys with moderation on whose rules reach no moderation model."""
+    return [i for i, key in enumerate(config.api_keys) if key.moderation and not routes[key.token].moderation_model]
+
+
+def _check_moderation_rules(config: Config, entries: Sequence[tuple[str, Any, int]]) -> None:
+    """At parse time, when every provider lists its models; otherwise check_moderation runs after discovery."""
+    if not any(key.moderation for key in config.api_keys) or not all(p.models for p in config.providers.values()):
+        return
+    for i in unmoderated_keys(config, build_routes(config, {}, 0)[0]):
+        path, item, line = entries[i]
+        prefs = _Node(item, path, config.source, line).mapping("preferences")
+        assert prefs is not None  # ENABLE_MODERATION is on, so the key has preferences
+        raise prefs.error(_NO_MODERATION_MODEL, "ENABLE_MODERATION")
+
+
+def check_moderation(config: Config, routes: Mapping[str, KeyRoutes]) -> None:
+    """The same check once discovered model lists are in, at startup and on reload (no line number then)."""
+    for i in unmoderated_keys(config, routes):
+        where = f"api_keys[{i}].preferences.ENABLE_MODERATION"
+        raise ConfigError(f"{_source_name(config.source)}: {where}: {_NO_MODERATION_MODEL}")
+
+
+def flagged_categories(answer: bytes) -> list[str]:
+    """The categories an OpenAI moderation answer flags; ["unspecified"] when flagged without one."""
+    try:
+        results = [r for r in adapters.loads(answer)["results"] if r.get("flagged")]
+        names = [name for r in results for name, hit in (r.get("categories") or {}).items() if hit is True]
+    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise AllChannelsFailed("The moderation model's answer could not be read.") from None
+    return list(dict.fromkeys(names)) or (["unspecified"] if results else [])
+
+
+async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
+    """Send the last user text to the key's moderation model; raise ContentFlagged when it is flagged.
+
+    It rides on the chat request's admission (no rate-limit slot of its own) and fails closed: when every
+    moderation channel fails, the chat request fails too.
+    """
+    model = gw.routes[key.token].moderation_model
+    if not text or model is None:
+        return
+    send = endpoint_sender(gw, "moderations", {"model": model, "input": text}, model)
+    answer = await failover(gw, key, model, channels_for(gw, key, model), send)
+    flagged = flagged_categories(answer.body)
+    if flagged:
+        raise ContentFlagged(f"The request was rejected by moderation; flagged categories: {', '.join(flagged)}.")
+
+
+# --- Shared state: rate windows, cooldowns and key benches in Redis (or Valkey) ---
+# Workers and instances with the same `state:` see one set of limits and cooldowns. The scheduler stays pure:
+# admission reads what everyone recorded in one round trip and hands it over (adopt_cooldowns, adopt_benches);
+# failures write their cooldown with its real expiry. Time is Redis's own (TIME), so instance clocks may differ.
+# Redis keys hold fingerprints (a sha256 prefix), never a client or provider key. Round-robin positions stay per
+# instance: over N instances each rotates on its own, so shares even out but strict alternation does not hold.
+
+# KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
+# ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
+# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key, comma-separated
+# (one string is parsed far faster by redis-py than an array of integers).
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local n = tonumber(ARGV[1])
+local wait = 0
+for i = 1, n do
+  local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local used = redis.call('ZCARD', KEYS[i])
+  if used >= count then
+    local oldest = redis.call('ZRANGE', KEYS[i], used - count, used - count, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
+end
+if wait == 0 then
+  for i = 1, n do
+    redis.call('ZADD', KEYS[i], now, ARGV[2])
+    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+  end
+end
+local out = {math.ceil(wait)}
+for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
+return table.concat(out, ',')
+"""
+# KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
+# window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
+# position, or 0 when none has.
+_ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local l = tonumber(ARGV[1])
+for c = 0, #KEYS / (l + 1) - 1 do
+  local base = c * (l + 1)
+  if redis.call('EXISTS', KEYS[base + 1]) == 0 then
+    local room = true
+    for i = 1, l do
+      local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+      redis.call('ZREMRANGEBYSCORE', KEYS[base + 1 + i], '-inf', now - window)
+      if redis.call('ZCARD', KEYS[base + 1 + i]) >= count then room = false end
+    end
+    if room then
+      for i = 1, l do
+        redis.call('ZADD', KEYS[base + 1 + i], now, ARGV[2])
+        redis.call('PEXPIRE', KEYS[base + 1 + i], math.ceil(tonumber(ARGV[2 + 2 * i])))
+      end
+      return c + 1
+    end
+  end
+end
+return 0
+"""
+# KEYS[1] cools (or is benched) for ARGV[1] ms, unless it already is for longer.
+_COOL_LUA: Final = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return 0
+"""
+SHARED_RETRY_S: Final = 1.0  # after a failure, Redis is left alone this long (requests decide without it)
+SHARED_WARN_EVERY_S: Final = 10.0
+
+
+class SharedStateDown(GatewayError):
+    status, type, code = 503, "server_error", "shared_state_unavailable"
+
+
+class SharedState:
+    """The Redis client, the scripts above, and the health that /metrics and /status report.
+
+    Commands issued in one turn of the event loop go to Redis together, in one pipeline: under load many
+    requests share a round trip, which is most of what Redis costs a request in CPU (bench/capacity.py).
+    Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
+    then does what `on_error` says. After a failure Redis is left alone for SHARED_RETRY_S, then tried again,
+    so sharing resumes by itself when it is back and a dead Redis costs a request only the local decision.
+    """
+
+    def __init__(self, options: StateOptions) -> None:
+        import redis.asyncio  # only here: a one-process gateway never needs redis-py
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.options = options
+        self.errors = 0  # decisions taken without Redis (a metric)
+        self.down_since: float | None = None
+        # No socket_timeout: one timeout bounds each whole pipeline (_execute). No retries: redis-py retries
+        # with backoff by default, which would hold requests while Redis is down.
+        self._client = redis.asyncio.Redis.from_url(options.redis_url, socket_connect_timeout=options.timeout_s,
+                                                    retry=Retry(NoBackoff(), 0))
+        self._no_script = redis.exceptions.NoScriptError
+        self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Future[None]] = set()
+        self._retry_at = self._warned_at = -math.inf
+        self._member = os.urandom(6).hex().encode() + b":"  # + a counter: unique per request across instances
+        self._count = 0
+        # Arguments go to redis-py as bytes: its pure-Python packer then copies them instead of converting each.
+        self._names: dict[tuple[str, ...], bytes] = {}
+
+    def name(self, kind: str, *parts: str) -> bytes:
+        """`{prefix}:kind:fingerprint`. The braces make the prefix a hash tag: all keys one script touches fall
+        in one slot, as Redis Cluster proxies require."""
+        found = self._names.get((kind, *parts))
+        if found is None:
+            if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
+                self._names.clear()
+            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}".encode()
+        return found
+
+    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[bytes]:
+        """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
+        entry, limits = found
+        return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
+
+    async def admit(self, windows: Sequence[bytes], limits: Sequence[RateLimit],
+                    ttl_keys: Sequence[bytes]) -> list[int] | None:
+        """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
+        keys = [*windows, *ttl_keys]
+        found = await self._call(b"EVALSHA", _SHA["admit"], b"%d" % len(keys), *keys, b"%d" % len(windows),
+                                 self._next_member(), *_limit_args(limits))
+        return None if found is None else [int(number) for number in found.split(b",")]
+
+    async def acquire(self, candidates: Sequence[tuple[bytes, list[bytes]]], limits: Sequence[RateLimit]) -> int | None:
+        """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
+        keys = [name for bench, names in candidates for name in (bench, *names)]
+        found = await self._call(b"EVALSHA", _SHA["acquire"], b"%d" % len(keys), *keys, b"%d" % len(limits),
+                                 self._next_member(), *_limit_args(limits))
+        return None if found is None else int(found) - 1
+
+    async def cool(self, name: bytes, seconds: float) -> None:
+        """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
+        await self._call(b"EVALSHA", _SHA["cool"], b"1", name, b"%d" % math.ceil(seconds * 1000))
+
+    async def clear(self, name: bytes) -> None:
+        await self._call("DEL", name)
+
+    async def start(self) -> bool:
+        """Load the scripts (so the first requests need one round trip, not five); False when Redis is down."""
+        for text in _SCRIPTS.values():
+            if await self._call(b"SCRIPT", b"LOAD", text) is None:
+                return False
+        return True
+
+    def refuse_when_closed(self) -> None:
+        """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
+        if self.options.on_error == "closed":
+            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
+
+    async def close(self) -> None:
+        closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
+        await closing()
+
+    def _next_member(self) -> bytes:
+        self._count += 1
+        return b"%s%d" % (self._member, self._count)
+
+    async def _call(self, *command: Any) -> Any:
+        """One command, sent with the others of this turn of the event loop."""
+        if time.monotonic() < self._retry_at:
+            self._fault(None)
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if len(self._queue) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        try:
+            result = await future
+            if isinstance(result, Exception):  # this command's own error, e.g. a wrong type at its key
+                raise result
+        except self._faults as exc:
+            self._fault(exc)
+            return None
+        if self.down_since is not None:
+            logger.warning("shared state: Redis answers again after %.1f s; limits and cooldowns are shared again",
+                           time.time() - self.down_since)
+            self.down_since = None
+        return result
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await _within(self.options.timeout_s, self._execute([command for command, _ in batch]))
+        except Exception as exc:  # handed to each waiting request, which decides by on_error
+            results = [exc] * len(batch)
+        except BaseException:  # the loop is closing
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its request may have ended meanwhile
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._pipeline(commands)
+        if any(isinstance(result, self._no_script) for result in results):  # a restarted Redis forgot them
+            for text in _SCRIPTS.values():
+                await self._client.script_load(text)
+            results = await self._pipeline(commands)
+        return results
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:  # a pipeline object costs more than the one command it would carry
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except self._no_script as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    def _fault(self, exc: BaseException | None) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if exc is not None:
+            self._retry_at = now + SHARED_RETRY_S
+            self.down_since = self.down_since or time.time()
+        if now - self._warned_at >= SHARED_WARN_EVERY_S:
+            self._warned_at = now
+            decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
+            logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
+                           str(exc or "still down") or type(exc).__name__, self.options.on_error, decided,
+                           self.errors)
+
+
+_SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
+_SHA: Final[Mapping[str, bytes]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
+    name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in _SCRIPTS.items()})
+
+
+def _limit_args(limits: Sequence[RateLimit]) -> list[bytes]:
+    return [b"%d" % value for limit in limits for value in (limit.count, math.ceil(limit.window_s * 1000))]
+
+
+def _redis_where(url: str) -> str:
+    """host:port/db of a redis URL, without user or password."""
+    rest = url.split("://", 1)[1]
+    return rest.rsplit("@", 1)[-1]
+
+
+def render_shared_metrics(gw: Gateway) -> str:
+    lines = ["# HELP uni_api_instance_info The instance that answered (hostname:pid, or $INSTANCE_ID).",
+             "# TYPE uni_api_instance_info gauge", f'uni_api_instance_info{{instance_id="{gw.instance}"}} 1']
+    if gw.shared is not None:
+        lines += ["# HELP uni_api_shared_state_up 1 while Redis (shared state) answers, 0 while it does not.",
+                  "# TYPE uni_api_shared_state_up gauge",
+                  f"uni_api_shared_state_up {int(gw.shared.down_since is None)}",
+                  "# HELP uni_api_shared_state_errors_total Decisions taken without Redis (on_error open or closed).",
+                  "# TYPE uni_api_shared_state_errors_total counter",
+                  f"uni_api_shared_state_errors_total {gw.shared.errors}"]
+    return "\n".join(lines) + "\n"
+
+
+def shared_state_line(gw: Gateway) -> str:
+    """The /status page's sentence about this instance and its shared state."""
+    where = f"Instance {html.escape(gw.instance)}."
+    shared = gw.shared
+    if shared is None:
+        return f"{where} Limits and cooldowns are kept in this process only."
+    target = html.escape(f"{_redis_where(shared.options.redis_url)} (prefix {shared.options.prefix})")
+    if shared.down_since is None:
+        return f"{where} Shared state: Redis at {target}, answering."
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(shared.down_since))
+    return (f"{where} <strong>Shared state: Redis at {target} UNREACHABLE since {since}</strong>; on_error "
+            f"{shared.options.on_error}, {shared.errors} decisions taken without it.")
+
+
+async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str,
+                       channels: Sequence[Channel]) -> int:
+    """One round trip: check-and-record the key's shared rate windows, and adopt the cooldowns of `channels`
+    and the benches of their providers' keys. Seconds to wait, 0 when admitted."""
+    limits = key.rate_limits or gw.config.rate_limits
+    found = limits.lookup(model) if limits is not None else None
+    windows = shared.windows(("client", key.token), found) if found is not None else []
+    providers = [gw.config.providers[name] for name in dict.fromkeys(channel.provider for channel in channels)]
+    cools = [shared.name("cool", c.provider, c.upstream_model) for c in channels]
+    benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
+    answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
+    if answer is None:
+        shared.refuse_when_closed()
+        return gw.scheduler.admit(key.token, model, limits)
+    wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
+    gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
+    start = len(channels)
+    for provider in providers:
+        gw.scheduler.adopt_benches(provider.name, ttls[start:start + len(provider.api_keys)])
+        start += len(provider.api_keys)
+    return math.ceil(wait / 1000)
+
+
+async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: str, tried: list[int]) -> int | None:
+    """`Scheduler.acquire_key` with the provider's `api_key_rate_limit` windows and benches kept in Redis."""
+    pool = policy.keys
+    found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
+    if found is None:
+        return gw.scheduler.acquire_key(pool, model, tried)
+    order = gw.scheduler.key_order(pool, tried)
+    provider = gw.config.providers[pool.provider]
+    candidates = [(shared.name("bench", provider.name, provider.api_keys[i]),
+                   shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
+    position = await shared.acquire(candidates, found[1]) if order else -1
+    if position is None:
+        shared.refuse_when_closed()
+        return gw.scheduler.acquire_key(pool, model, tried)
+    if position < 0:
+        return None
+    gw.scheduler.key_taken(pool, order[position])
+    return order[position]
+
+
+async def channel_failed(gw: Gateway, channel: Channel) -> None:
+    """Cool the channel here and, with shared state, everywhere (until its real expiry)."""
+    gw.scheduler.record_failure(channel)
+    if gw.shared is not None and channel.cooldown_s > 0:
+        await gw.shared.cool(gw.shared.name("cool", channel.provider, channel.upstream_model), channel.cooldown_s)
+
+
+async def key_failed(gw: Gateway, policy: Policy, index: int, retry_after: float | None) -> None:
+    """Bench the key here and, with shared state, everywhere, for the longer of its cooldown and Retry-After."""
+    gw.scheduler.record_key_failure(policy.keys, index, retry_after)
+    period = max(policy.keys.cooldown_s, retry_after or 0.0)
+    if gw.shared is not None and period > 0:
+        provider = gw.config.providers[policy.keys.provider]
+        await gw.shared.cool(gw.shared.name("bench", provider.name, provider.api_keys[index]), period)
+
+
+# --- Attempts: one try of one channel, and the relay of its answer ---
+# One attempt of one request: (channel, adapter, target, timeout) -> the answer, or UpstreamError.
+Sender = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
+
+_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+TRIGGER_WINDOW: Final = 256  # with error_triggers set, a stream commits once this much text was checked
+
+
+def _json_response(body: bytes, status: int = 200) -> Response:
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
+                record: RequestRecord | None = None) -> Sender:
+    """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
+    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face. Of
+    `client_headers`, anthropic-beta reaches the Claude channels that take it ("Beta headers")."""
+    converted: list[Sender] = []
+    betas = adapters.parse_betas(client_headers.get("anthropic-beta"))
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        target = replace(target, betas=betas) if betas else target  # Claude engines pass on those they take
+        native = face.native.get(channel.engine)
+        if native is not None:
+            return await native_attempt(gw, face, native, body, model, record, channel, target, timeout)
+        if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
+            converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
+        return await converted[0](channel, adapter, target, timeout)
+
+    return send
+
+
+def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
+                face: Face = adapters.FACES["chat"], face_body: Mapping[str, Any] | None = None) -> Sender:
+    """One chat attempt; the answer is rendered by `face` (for `face_body`, the request as the client sent it).
+
+    A stream commits only after its first chunks arrived (see _stream_head), so a channel failing before that is
+    retried on the next one. Streams always ask the adapter (and the upstream, where the engine can) for usage,
+    for the statistics; the usage chunk is dropped again when the client did not ask for it.
+    """
+    triggers = gw.config.error_triggers
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    face_body = body if face_body is None else face_body
+    inlined: list[dict[str, Any]] = []
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        policy = gw.config.policies[channel.provider]
+        if adapter.inline_images and not inlined:
+            inlined.append(await inline_images(gw.session, body))
+        request = adapter.build_request(inlined[0] if adapter.inline_images else body, target)
+        created = int(target.now)
+        response = await _open(gw, policy, request, timeout)
+        try:
+            await _check_status(response, adapter, timeout)
+            if not body.get("stream"):
+                raw = await _read(response, timeout)
+                _check_triggers(raw.decode("utf-8", "replace"), triggers)
+                completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
+                if record is not None:
+                    record.add_usage(completion.get("usage"))
+                return _json_response(adapters.dumps(face.from_chat(completion, face_body, model)))
+            parsed = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
+            chunks = _counted(parsed, include_usage, record, created)
+            with _transport_errors(timeout):
+                head = await _stream_head(chunks, triggers)
+        except BaseException:
+            response.close()
+            raise
+        stream = face.stream(face_body, model)
+        frames = _relay(stream, head, chunks, response, timeout, gw.config.secrets)
+        return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
+
+    return send
+
+
+async def _counted(chunks: AsyncIterator[dict[str, Any]], include_usage: bool, record: RequestRecord | None,
+                   created: int) -> AsyncIterator[dict[str, Any]]:
+    """Chunks stamped with `created`, usage noted on `record`; usage-only chunks dropped unless the client asked."""
+    async for chunk in chunks:
+        if "usage" not in chunk or _take_usage(chunk, include_usage, record):
+            yield _stamp(chunk, created)
+
+
+def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecord | None) -> bool:
+    """Note a chunk's usage; False when the chunk only carried usage the client did not ask for."""
+    if record is not None:
+        record.add_usage(chunk.get("usage"))
+    if include_usage:
+        return True
+    chunk.pop("usage", None)
+    return bool(chunk.get("choices"))
+
+
+async def _stream_head(chunks: AsyncIterator[dict[str, Any]], triggers: Sequence[str]) -> list[dict[str, Any]]:
+    """The chunks read before a stream commits: up to the first with output (text, reasoning, a tool call or a
+    finish). With error_triggers set, reading goes on until TRIGGER_WINDOW characters of text were seen, so a
+    trigger in the first chunks fails the attempt before anything reached the client, as for whole answers."""
+    head: list[dict[str, Any]] = []
+    text = ""
+    while True:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            if not head:
+                raise UpstreamError(502, "upstream stream ended before its first chunk") from None
+            return head
+        head.append(chunk)
+        if triggers:
+            text += _delta_text(chunk)
+            _check_triggers(text, triggers)
+            _check_triggers(adapters.dumps(chunk).decode(), triggers)
+        if _has_output(chunk) and (not triggers or len(text) >= TRIGGER_WINDOW):
+            return head
+
+
+_OUTPUT_FIELDS: Final = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking_blocks", "refusal")
+
+
+def _has_output(chunk: Mapping[str, Any]) -> bool:
+    return any(choice.get("finish_reason") or any((choice.get("delta") or {}).get(name) for name in _OUTPUT_FIELDS)
+               for choice in chunk.get("choices") or ())
+
+
+def _delta_text(chunk: Mapping[str, Any]) -> str:
+    texts = ((choice.get("delta") or {}).get(name) for choice in chunk.get("choices") or ()
+             for name in ("reasoning_content", "content"))
+    return "".join(text for text in texts if isinstance(text, str))
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return adapters.loads(raw)
+    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, RecursionError):
+        raise UpstreamError(502, "upstream answered with invalid JSON") from None
+
+
+def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
+    """Fill `created` where the provider's format has no timestamp (adapters never read the clock)."""
+    if not answer.get("created"):
+        answer["created"] = created
+    return answer
+
+
+async def _relay(stream: adapters.FaceStream, head: list[dict[str, Any]], chunks: AsyncIterator[dict[str, Any]],
+                 response: aiohttp.ClientResponse, timeout: float, secrets: re.Pattern[str] | None
+                 ) -> AsyncIterator[bytes]:
+    """The committed stream in the face's format; a failure ends it with the face's error event."""
+    try:
+        for chunk in head:
+            for frame in stream.on_chunk(chunk):
+                yield frame
+        with _transport_errors(timeout):
+            async for chunk in chunks:
+                for frame in stream.on_chunk(chunk):
+                    yield frame
+        last = stream.end()
+    except UpstreamError as exc:
+        last = stream.fail(_stream_failure(exc, secrets), 502)
+    finally:
+        response.close()
+    for frame in last:
+        yield frame
+
+
+def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
+    """Log a failure after a stream's commit; the message for its last event."""
+    reason = _redact_secrets(str(exc), secrets)  # an upstream may quote the key back in its error
+    logger.warning("stream failed after its first chunk: %s", reason)
+    return f"upstream failed mid-stream: {reason}"
+
+
+def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
+                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Sender:
+    """One attempt of a non-chat endpoint; JSON answers get the client's model name back."""
+
+    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
+        if endpoint not in adapter.endpoints:
+            raise _NotServed(404, f"engine {adapter.engine} does not serve this endpoint", retryable=True)
+        policy = gw.config.policies[channel.provider]
+        response = await _open(gw, policy, adapter.build_endpoint_request(endpoint, body, target, form), timeout)
+        try:
+            await _check_status(response, adapter, timeout)
+            media_type = response.headers.get("Content-Type", "application/octet-stream")
+            if endpoint == "speech":
+                return StreamingResponse(_relay_bytes(response, timeout), media_type=media_type)
+            raw = await _read(response, timeout)
+        finally:
+            if endpoint != "speech":
+                response.release()
+        if media_type.startswith("application/json"):
+            answer = adapter.parse_endpoint_response(endpoint, _parse_json(raw), model)
+            if record is not None and isinstance(answer, dict):
+                record.add_usage(answer.get("usage"))
+            return _json_response(adapters.dumps(answer))
+        return Response(raw, media_type=media_type)
+
+    return send
+
+
+async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:
+    try:
+        with _transport_errors(timeout):
+            async for chunk in response.content.iter_any():
+                yield chunk
+    except UpstreamError as exc:
+        logger.warning("audio stream failed: %s", exc)
+    finally:
+        response.close()
+
+
+# --- Passthrough: an engine that speaks the client's API natively ---
+# The body goes as sent (the model renamed), the answer comes back as it came, through the face's NativeStream;
+# a stream commits after the upstream's first event (an error event there fails the attempt).
+
+
+async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
+                         record: RequestRecord | None, channel: Channel, target: Target, timeout: float) -> Response:
+    triggers = gw.config.error_triggers
+    request = native.build_request(body, target)
+    response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
+    try:
+        await _check_status(response, native, timeout)
+        if not face.is_stream(body):
+            raw = await _read(response, timeout)
+            _check_triggers(raw.decode("utf-8", "replace"), triggers)
+            answer, usage = face.native_answer(raw, model)
+            if record is not None:
+                record.add_usage(usage)
+            return _json_response(answer)
+        stream = face.native_stream(body, model)
+        events = native.iter_events(response.content.iter_any())
+        with _transport_errors(timeout):
+            first = stream.on_event(await anext_or_fail(events))
+        _check_triggers(first.decode("utf-8", "replace"), triggers)
+    except BaseException:
+        response.close()
+        raise
+    frames = _relay_native(stream, first, events, response, timeout, record, gw.config.secrets)
+    return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
+
+
+async def anext_or_fail(events: AsyncIterator[T]) -> T:
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        raise UpstreamError(502, "upstream stream ended before its first event") from None
+
+
+async def _relay_native(stream: adapters.NativeStream, first: bytes, events: AsyncIterator[adapters.SSEEvent],
+                        response: aiohttp.ClientResponse, timeout: float, record: RequestRecord | None,
+                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
+    """The committed passthrough stream; a cut before the format's last event ends it with the face's error."""
+    last: list[bytes] = []
+    try:
+        yield first
+        with _transport_errors(timeout):
+            async for event in events:
+                yield stream.on_event(event)
+        if not stream.done:
+            raise UpstreamError(502, "upstream stream ended before its last event")
+        last = stream.end()
+    except UpstreamError as exc:
+        last = stream.fail(_stream_failure(exc, secrets), 502)
+    finally:
+        response.close()
+        if record is not None:
+            record.add_usage(stream.usage)
+    for frame in last:
+        yield frame
+
+
+# --- Transport: upstream calls, OAuth tokens, image inlining ---
+
+
+_KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
+_SECRET_PATTERN: Final = re.compile(r"\b(?:sk|pk|rk|key|AIza)[-_A-Za-z0-9*]{12,}")
+
+
+def _redact_secrets(text: str, secrets: re.Pattern[str] | None) -> str:
+    """`text` with the config's secrets and anything shaped like a key replaced by [redacted]."""
+    text = secrets.sub("[redacted]", text) if secrets else text
+    return _SECRET_PATTERN.sub("[redacted]", text)
+
+
+@contextlib.contextmanager
+def _transport_errors(timeout: float) -> Iterator[None]:
+    """Connection failures and timeouts of one attempt, as UpstreamError."""
+    try:
+        yield
+    except asyncio.TimeoutError:
+        raise UpstreamError(504, f"timed out after {timeout:g}s") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(502, f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+
+
+async def _open(gw: Gateway, policy: Policy, request: UpstreamRequest, timeout: float) -> aiohttp.ClientResponse:
+    proxy = policy.proxy
+    session = gw.socks_sessions[proxy] if proxy and proxy.startswith("socks") else gw.session
+    headers = dict(request.headers)
+    data: Any = request.data
+    if request.json is not None:
+        try:
+            data = adapters.dumps(request.json)
+        except (ValueError, TypeError, OverflowError):  # e.g. 1e400 parsed as infinity: no JSON can carry it
+            raise InvalidRequest("The request holds a number outside JSON's range (such as 1e400).") from None
+        headers["Content-Type"] = "application/json"
+    elif request.form is not None:
+        data = aiohttp.FormData()
+        for name, value in request.form:
+            if isinstance(value, tuple):
+                data.add_field(name, value[1], filename=value[0], content_type=value[2])
+            else:
+                data.add_field(name, value)
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+    with _transport_errors(timeout):
+        return await session.request(request.method, request.url, headers=headers, data=data, timeout=client_timeout,
+                                     proxy=None if session is not gw.session else proxy)
+
+
+async def _read(response: aiohttp.ClientResponse, timeout: float) -> bytes:
+    with _transport_errors(timeout):
+        body = await _read_limited(response, UPSTREAM_BODY_LIMIT)
+    if body is None:
+        raise UpstreamError(502, f"upstream answer is larger than {UPSTREAM_BODY_LIMIT} bytes")
+    return body
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None past `limit` bytes (`content.read(n)` would stop at the first network read)."""
+    pieces: list[bytes] = []
+    size = 0
+    async for piece in response.content.iter_any():
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+async def _check_status(response: aiohttp.ClientResponse, adapter: Adapter, timeout: float) -> None:
+    if response.status >= 400:
+        body = await _read(response, timeout)
+        retry_after = adapters.parse_retry_after(response.headers.get("Retry-After"))
+        raise adapter.parse_error(response.status, body, retry_after)
+
+
+def _check_triggers(text: str, triggers: Sequence[str]) -> None:
+    for trigger in triggers:
+        if trigger in text:
+            raise UpstreamError(502, f"answer matched error trigger '{trigger}'", retryable=True)
+
+
+class TokenCache:
+    """Google OAuth tokens per provider: one exchange shared by concurrent requests, reused until near expiry."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._pending: dict[str, asyncio.Future[str]] = {}
+
+    async def get(self, provider: Provider) -> str:
+        cached = self._tokens.get(provider.name)
+        if cached and cached[1] - TOKEN_REFRESH_MARGIN > time.time():
+            return cached[0]
+        pending = self._pending.get(provider.name)
+        if pending is None:
+            pending = self._pending[provider.name] = asyncio.ensure_future(self._exchange(provider))
+            pending.add_done_callback(lambda _: self._pending.pop(provider.name, None))
+        return await asyncio.shield(pending)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the tokens of providers whose credentials may have changed (a config reload)."""
+        for name in names:
+            self._tokens.pop(name, None)
+
+    async def _exchange(self, provider: Provider) -> str:
+        extra, now = provider.extra, int(time.time())
+        token_uri = extra.get("token_uri") or adapters.GOOGLE_TOKEN_URI
+        try:
+            assertion = adapters.google_jwt_assertion(extra.get("client_email", ""),
+                                                      extra.get("private_key", "").replace("\\n", "\n"), token_uri, now)
+        except ValueError as exc:
+            raise UpstreamError(502, f"cannot sign the OAuth assertion: {exc}", retryable=True) from None
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+        with _transport_errors(30.0):
+            async with self._session.post(token_uri, data=form, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                body = await response.read()
+        try:
+            answer = adapters.loads(body) if response.status == 200 else {}
+            token, lifetime = str(answer["access_token"]), float(answer.get("expires_in", 3600))
+        except (KeyError, TypeError, ValueError):
+            message = f"OAuth token exchange failed with HTTP {response.status}"
+            raise UpstreamError(502, message, retryable=True) from None
+        self._tokens[provider.name] = (token, now + lifetime)
+        return token
+
+
+_IMAGE_LIMIT: Final = 20 * 1024 * 1024
+
+
+async def inline_images(session: aiohttp.ClientSession, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `body` whose http(s) image URLs became data URIs, for providers that cannot fetch URLs."""
+    messages = []
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [await _inline_part(session, part) for part in content]
+            message = {**message, "content": content}
+        messages.append(message)
+    return {**body, "messages": messages}
+
+
+async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
+    image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+    url = image.get("url") if isinstance(image, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return part
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
+            data = await _read_limited(response, _IMAGE_LIMIT) if response.status == 200 else None
+            kind = response.headers.get("Content-Type", "image/jpeg").split(";")[0]
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        data = None
+    if data is None:
+        raise UpstreamError(400, f"could not fetch the image at {url[:200]}")
+    return {**part, "image_url": {**image, "url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}}
 
 
 # --- Stats ---
@@ -1522,1580 +3259,6 @@ class AdminRequired(GatewayError):
     status, type, code = 403, "permission_error", "admin_required"
 
 
-# --- Gateway state and transport ---
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    owner: bytes  # digest of the key that made it: only that key reads or deletes it
-    response: Mapping[str, Any]  # the response object as its client got it
-    items: tuple[Any, ...]  # its input (previous context included) and output items: what a chained request continues
-    size: int
-    stored_at: float
-
-
-class ResponseStore:
-    """Recent responses for previous_response_id, item_reference inputs and GET / DELETE /v1/responses/{id}, capped
-    by StoreLimits (count, bytes, age; the oldest evicted first). Shared across reloads; each call takes the
-    current limits."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
-        self._bytes = 0
-        self._items: dict[str, str] = {}  # output item id -> the stored response holding it
-
-    def put(self, owner: bytes, response: Mapping[str, Any], items: Sequence[Any], limits: StoreLimits) -> None:
-        size = len(adapters.dumps(response)) + len(adapters.dumps(list(items)))
-        self._pop(str(response["id"]))
-        if size > limits.max_bytes or not limits.max_count:
-            return
-        self._entries[str(response["id"])] = StoredResponse(owner, response, tuple(items), size, self._clock())
-        self._items.update((str(item["id"]), str(response["id"])) for item in _output_items(response))
-        self._bytes += size
-        self._evict(limits)
-
-    def item(self, item_id: str, owner: bytes, limits: StoreLimits) -> Mapping[str, Any] | None:
-        """An output item of a stored response, by its id (what an item_reference input names)."""
-        found = self.get(self._items.get(item_id, ""), owner, limits)
-        return next((item for item in _output_items(found.response) if item["id"] == item_id), None) if found else None
-
-    def get(self, response_id: str, owner: bytes, limits: StoreLimits) -> StoredResponse | None:
-        self._evict(limits)
-        found = self._entries.get(response_id)
-        return found if found is not None and hmac.compare_digest(found.owner, owner) else None
-
-    def delete(self, response_id: str, owner: bytes, limits: StoreLimits) -> bool:
-        return self.get(response_id, owner, limits) is not None and self._pop(response_id)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-    def _pop(self, response_id: str) -> bool:
-        gone = self._entries.pop(response_id, None)
-        if gone is not None:
-            self._bytes -= gone.size
-            for item in _output_items(gone.response):
-                self._items.pop(str(item["id"]), None)
-        return gone is not None
-
-    def _evict(self, limits: StoreLimits) -> None:
-        oldest = self._clock() - limits.max_age
-        while self._entries:
-            first = next(iter(self._entries.values()))
-            if (len(self._entries) <= limits.max_count and self._bytes <= limits.max_bytes
-                    and first.stored_at > oldest):
-                return
-            self._pop(next(iter(self._entries)))
-
-
-def _output_items(response: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    return (item for item in response.get("output") or () if isinstance(item, Mapping) and item.get("id"))
-
-
-@dataclass(slots=True)
-class Gateway:
-    """Per-app runtime state, owned by the lifespan.
-
-    One instance serves one config: a reload builds a new one with `replace()` (sharing the scheduler,
-    sessions and stats) and swaps `app.state.gateway` in one assignment. A request takes the current one
-    once, at its start, so it finishes on the config it started with. Never mutate a field in place.
-    """
-
-    config: Config
-    routes: Mapping[str, KeyRoutes]
-    known_models: frozenset[str]
-    scheduler: Scheduler
-    session: aiohttp.ClientSession
-    tokens: TokenCache
-    socks_sessions: Mapping[str, aiohttp.ClientSession] = field(default_factory=dict)
-    recent: AttemptStats = field(default_factory=lambda: AttemptStats())
-    loaded_at: float = 0.0  # time.time() when this config was loaded (the status page shows it)
-    stats: Stats = field(default_factory=Stats)  # statistics and metrics; started and closed by the lifespan
-    responses: ResponseStore = field(default_factory=ResponseStore)  # stored responses, kept across reloads
-    shared: SharedState | None = None  # state.redis_url's client; None: scheduling state in this process only
-    instance: str = ""  # which instance answered (/metrics, /v1/stats, /status): $INSTANCE_ID or hostname:pid
-
-
-_KEY_FAILURES: Final = frozenset({401, 403, 429})  # that key is bad or busy: try the provider's next key
-_SECRET_PATTERN: Final = re.compile(r"\b(?:sk|pk|rk|key|AIza)[-_A-Za-z0-9*]{12,}")
-
-
-def _redact_secrets(text: str, secrets: re.Pattern[str] | None) -> str:
-    """`text` with the config's secrets and anything shaped like a key replaced by [redacted]."""
-    text = secrets.sub("[redacted]", text) if secrets else text
-    return _SECRET_PATTERN.sub("[redacted]", text)
-
-
-@contextlib.contextmanager
-def _transport_errors(timeout: float) -> Iterator[None]:
-    """Connection failures and timeouts of one attempt, as UpstreamError."""
-    try:
-        yield
-    except asyncio.TimeoutError:
-        raise UpstreamError(504, f"timed out after {timeout:g}s") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(502, f"connection failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
-
-
-async def _open(gw: Gateway, policy: Policy, request: UpstreamRequest, timeout: float) -> aiohttp.ClientResponse:
-    proxy = policy.proxy
-    session = gw.socks_sessions[proxy] if proxy and proxy.startswith("socks") else gw.session
-    headers = dict(request.headers)
-    data: Any = request.data
-    if request.json is not None:
-        try:
-            data = adapters.dumps(request.json)
-        except (ValueError, TypeError, OverflowError):  # e.g. 1e400 parsed as infinity: no JSON can carry it
-            raise InvalidRequest("The request holds a number outside JSON's range (such as 1e400).") from None
-        headers["Content-Type"] = "application/json"
-    elif request.form is not None:
-        data = aiohttp.FormData()
-        for name, value in request.form:
-            if isinstance(value, tuple):
-                data.add_field(name, value[1], filename=value[0], content_type=value[2])
-            else:
-                data.add_field(name, value)
-    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-    with _transport_errors(timeout):
-        return await session.request(request.method, request.url, headers=headers, data=data, timeout=client_timeout,
-                                     proxy=None if session is not gw.session else proxy)
-
-
-async def _read(response: aiohttp.ClientResponse, timeout: float) -> bytes:
-    with _transport_errors(timeout):
-        body = await _read_limited(response, UPSTREAM_BODY_LIMIT)
-    if body is None:
-        raise UpstreamError(502, f"upstream answer is larger than {UPSTREAM_BODY_LIMIT} bytes")
-    return body
-
-
-async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The whole body, or None past `limit` bytes (`content.read(n)` would stop at the first network read)."""
-    pieces: list[bytes] = []
-    size = 0
-    async for piece in response.content.iter_any():
-        size += len(piece)
-        if size > limit:
-            return None
-        pieces.append(piece)
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-async def _check_status(response: aiohttp.ClientResponse, adapter: Adapter, timeout: float) -> None:
-    if response.status >= 400:
-        body = await _read(response, timeout)
-        retry_after = adapters.parse_retry_after(response.headers.get("Retry-After"))
-        raise adapter.parse_error(response.status, body, retry_after)
-
-
-def _check_triggers(text: str, triggers: Sequence[str]) -> None:
-    for trigger in triggers:
-        if trigger in text:
-            raise UpstreamError(502, f"answer matched error trigger '{trigger}'", retryable=True)
-
-
-class TokenCache:
-    """Google OAuth tokens per provider: one exchange shared by concurrent requests, reused until near expiry."""
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-        self._tokens: dict[str, tuple[str, float]] = {}
-        self._pending: dict[str, asyncio.Future[str]] = {}
-
-    async def get(self, provider: Provider) -> str:
-        cached = self._tokens.get(provider.name)
-        if cached and cached[1] - TOKEN_REFRESH_MARGIN > time.time():
-            return cached[0]
-        pending = self._pending.get(provider.name)
-        if pending is None:
-            pending = self._pending[provider.name] = asyncio.ensure_future(self._exchange(provider))
-            pending.add_done_callback(lambda _: self._pending.pop(provider.name, None))
-        return await asyncio.shield(pending)
-
-    def forget(self, names: Iterable[str]) -> None:
-        """Drop the tokens of providers whose credentials may have changed (a config reload)."""
-        for name in names:
-            self._tokens.pop(name, None)
-
-    async def _exchange(self, provider: Provider) -> str:
-        extra, now = provider.extra, int(time.time())
-        token_uri = extra.get("token_uri") or adapters.GOOGLE_TOKEN_URI
-        try:
-            assertion = adapters.google_jwt_assertion(extra.get("client_email", ""),
-                                                      extra.get("private_key", "").replace("\\n", "\n"), token_uri, now)
-        except ValueError as exc:
-            raise UpstreamError(502, f"cannot sign the OAuth assertion: {exc}", retryable=True) from None
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
-        with _transport_errors(30.0):
-            async with self._session.post(token_uri, data=form, timeout=aiohttp.ClientTimeout(total=30)) as response:
-                body = await response.read()
-        try:
-            answer = adapters.loads(body) if response.status == 200 else {}
-            token, lifetime = str(answer["access_token"]), float(answer.get("expires_in", 3600))
-        except (KeyError, TypeError, ValueError):
-            message = f"OAuth token exchange failed with HTTP {response.status}"
-            raise UpstreamError(502, message, retryable=True) from None
-        self._tokens[provider.name] = (token, now + lifetime)
-        return token
-
-
-_IMAGE_LIMIT: Final = 20 * 1024 * 1024
-
-
-async def inline_images(session: aiohttp.ClientSession, body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `body` whose http(s) image URLs became data URIs, for providers that cannot fetch URLs."""
-    messages = []
-    for message in body["messages"]:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [await _inline_part(session, part) for part in content]
-            message = {**message, "content": content}
-        messages.append(message)
-    return {**body, "messages": messages}
-
-
-async def _inline_part(session: aiohttp.ClientSession, part: Any) -> Any:
-    image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
-    url = image.get("url") if isinstance(image, dict) else None
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        return part
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as response:
-            data = await _read_limited(response, _IMAGE_LIMIT) if response.status == 200 else None
-            kind = response.headers.get("Content-Type", "image/jpeg").split(";")[0]
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        data = None
-    if data is None:
-        raise UpstreamError(400, f"could not fetch the image at {url[:200]}")
-    return {**part, "image_url": {**image, "url": f"data:{kind};base64,{base64.b64encode(data).decode()}"}}
-
-
-# --- Attempts: one try of one channel ---
-
-# One attempt of one request: (channel, adapter, target, timeout) -> the answer, or UpstreamError.
-Sender = Callable[[Channel, Adapter, Target, float], Awaitable[Response]]
-
-_STREAM_HEADERS: Final = MappingProxyType({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-TRIGGER_WINDOW: Final = 256  # with error_triggers set, a stream commits once this much text was checked
-
-
-def _json_response(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type="application/json")
-
-
-def face_sender(gw: Gateway, face: Face, body: Mapping[str, Any], model: str, client_headers: Mapping[str, str],
-                record: RequestRecord | None = None) -> Sender:
-    """One attempt of a face's request: the body as sent to an engine that speaks the face, else converted to an
-    OpenAI chat request (once per request) for the engine's adapter, the answer rendered back by the face. Of
-    `client_headers`, anthropic-beta reaches the Claude channels that take it ("Beta headers")."""
-    converted: list[Sender] = []
-    betas = adapters.parse_betas(client_headers.get("anthropic-beta"))
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        target = replace(target, betas=betas) if betas else target  # Claude engines pass on those they take
-        native = face.native.get(channel.engine)
-        if native is not None:
-            return await native_attempt(gw, face, native, body, model, record, channel, target, timeout)
-        if not converted:  # UpstreamError(400, retryable) when only a native channel could serve it
-            converted.append(chat_sender(gw, face.to_chat(body), model, record, face, body))
-        return await converted[0](channel, adapter, target, timeout)
-
-    return send
-
-
-def chat_sender(gw: Gateway, body: Mapping[str, Any], model: str, record: RequestRecord | None = None,
-                face: Face = adapters.FACES["chat"], face_body: Mapping[str, Any] | None = None) -> Sender:
-    """One chat attempt; the answer is rendered by `face` (for `face_body`, the request as the client sent it).
-
-    A stream commits only after its first chunks arrived (see _stream_head), so a channel failing before that is
-    retried on the next one. Streams always ask the adapter (and the upstream, where the engine can) for usage,
-    for the statistics; the usage chunk is dropped again when the client did not ask for it.
-    """
-    triggers = gw.config.error_triggers
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    face_body = body if face_body is None else face_body
-    inlined: list[dict[str, Any]] = []
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        policy = gw.config.policies[channel.provider]
-        if adapter.inline_images and not inlined:
-            inlined.append(await inline_images(gw.session, body))
-        request = adapter.build_request(inlined[0] if adapter.inline_images else body, target)
-        created = int(target.now)
-        response = await _open(gw, policy, request, timeout)
-        try:
-            await _check_status(response, adapter, timeout)
-            if not body.get("stream"):
-                raw = await _read(response, timeout)
-                _check_triggers(raw.decode("utf-8", "replace"), triggers)
-                completion = _stamp(adapter.parse_response(_parse_json(raw), model), created)
-                if record is not None:
-                    record.add_usage(completion.get("usage"))
-                return _json_response(adapters.dumps(face.from_chat(completion, face_body, model)))
-            parsed = adapter.parse_stream(adapter.iter_events(response.content.iter_any()), model, include_usage=True)
-            chunks = _counted(parsed, include_usage, record, created)
-            with _transport_errors(timeout):
-                head = await _stream_head(chunks, triggers)
-        except BaseException:
-            response.close()
-            raise
-        stream = face.stream(face_body, model)
-        frames = _relay(stream, head, chunks, response, timeout, gw.config.secrets)
-        return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
-
-    return send
-
-
-async def _counted(chunks: AsyncIterator[dict[str, Any]], include_usage: bool, record: RequestRecord | None,
-                   created: int) -> AsyncIterator[dict[str, Any]]:
-    """Chunks stamped with `created`, usage noted on `record`; usage-only chunks dropped unless the client asked."""
-    async for chunk in chunks:
-        if "usage" not in chunk or _take_usage(chunk, include_usage, record):
-            yield _stamp(chunk, created)
-
-
-def _take_usage(chunk: dict[str, Any], include_usage: bool, record: RequestRecord | None) -> bool:
-    """Note a chunk's usage; False when the chunk only carried usage the client did not ask for."""
-    if record is not None:
-        record.add_usage(chunk.get("usage"))
-    if include_usage:
-        return True
-    chunk.pop("usage", None)
-    return bool(chunk.get("choices"))
-
-
-async def _stream_head(chunks: AsyncIterator[dict[str, Any]], triggers: Sequence[str]) -> list[dict[str, Any]]:
-    """The chunks read before a stream commits: up to the first with output (text, reasoning, a tool call or a
-    finish). With error_triggers set, reading goes on until TRIGGER_WINDOW characters of text were seen, so a
-    trigger in the first chunks fails the attempt before anything reached the client, as for whole answers."""
-    head: list[dict[str, Any]] = []
-    text = ""
-    while True:
-        try:
-            chunk = await chunks.__anext__()
-        except StopAsyncIteration:
-            if not head:
-                raise UpstreamError(502, "upstream stream ended before its first chunk") from None
-            return head
-        head.append(chunk)
-        if triggers:
-            text += _delta_text(chunk)
-            _check_triggers(text, triggers)
-            _check_triggers(adapters.dumps(chunk).decode(), triggers)
-        if _has_output(chunk) and (not triggers or len(text) >= TRIGGER_WINDOW):
-            return head
-
-
-_OUTPUT_FIELDS: Final = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking_blocks", "refusal")
-
-
-def _has_output(chunk: Mapping[str, Any]) -> bool:
-    return any(choice.get("finish_reason") or any((choice.get("delta") or {}).get(name) for name in _OUTPUT_FIELDS)
-               for choice in chunk.get("choices") or ())
-
-
-def _delta_text(chunk: Mapping[str, Any]) -> str:
-    texts = ((choice.get("delta") or {}).get(name) for choice in chunk.get("choices") or ()
-             for name in ("reasoning_content", "content"))
-    return "".join(text for text in texts if isinstance(text, str))
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return adapters.loads(raw)
-    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, RecursionError):
-        raise UpstreamError(502, "upstream answered with invalid JSON") from None
-
-
-def _stamp(answer: dict[str, Any], created: int) -> dict[str, Any]:
-    """Fill `created` where the provider's format has no timestamp (adapters never read the clock)."""
-    if not answer.get("created"):
-        answer["created"] = created
-    return answer
-
-
-async def _relay(stream: adapters.FaceStream, head: list[dict[str, Any]], chunks: AsyncIterator[dict[str, Any]],
-                 response: aiohttp.ClientResponse, timeout: float, secrets: re.Pattern[str] | None
-                 ) -> AsyncIterator[bytes]:
-    """The committed stream in the face's format; a failure ends it with the face's error event."""
-    try:
-        for chunk in head:
-            for frame in stream.on_chunk(chunk):
-                yield frame
-        with _transport_errors(timeout):
-            async for chunk in chunks:
-                for frame in stream.on_chunk(chunk):
-                    yield frame
-        last = stream.end()
-    except UpstreamError as exc:
-        last = stream.fail(_stream_failure(exc, secrets), 502)
-    finally:
-        response.close()
-    for frame in last:
-        yield frame
-
-
-def _stream_failure(exc: UpstreamError, secrets: re.Pattern[str] | None) -> str:
-    """Log a failure after a stream's commit; the message for its last event."""
-    reason = _redact_secrets(str(exc), secrets)  # an upstream may quote the key back in its error
-    logger.warning("stream failed after its first chunk: %s", reason)
-    return f"upstream failed mid-stream: {reason}"
-
-
-def endpoint_sender(gw: Gateway, endpoint: adapters.Endpoint, body: Mapping[str, Any] | None, model: str,
-                    form: tuple[tuple[str, Any], ...] | None = None, record: RequestRecord | None = None) -> Sender:
-    """One attempt of a non-chat endpoint; JSON answers get the client's model name back."""
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if endpoint not in adapter.endpoints:
-            raise _NotServed(404, f"engine {adapter.engine} does not serve this endpoint", retryable=True)
-        policy = gw.config.policies[channel.provider]
-        response = await _open(gw, policy, adapter.build_endpoint_request(endpoint, body, target, form), timeout)
-        try:
-            await _check_status(response, adapter, timeout)
-            media_type = response.headers.get("Content-Type", "application/octet-stream")
-            if endpoint == "speech":
-                return StreamingResponse(_relay_bytes(response, timeout), media_type=media_type)
-            raw = await _read(response, timeout)
-        finally:
-            if endpoint != "speech":
-                response.release()
-        if media_type.startswith("application/json"):
-            answer = adapter.parse_endpoint_response(endpoint, _parse_json(raw), model)
-            if record is not None and isinstance(answer, dict):
-                record.add_usage(answer.get("usage"))
-            return _json_response(adapters.dumps(answer))
-        return Response(raw, media_type=media_type)
-
-    return send
-
-
-async def _relay_bytes(response: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:
-    try:
-        with _transport_errors(timeout):
-            async for chunk in response.content.iter_any():
-                yield chunk
-    except UpstreamError as exc:
-        logger.warning("audio stream failed: %s", exc)
-    finally:
-        response.close()
-
-
-# --- Shared state: rate windows, cooldowns and key benches in Redis (or Valkey) ---
-# Workers and instances with the same `state:` see one set of limits and cooldowns. The scheduler stays pure:
-# admission reads what everyone recorded in one round trip and hands it over (adopt_cooldowns, adopt_benches);
-# failures write their cooldown with its real expiry. Time is Redis's own (TIME), so instance clocks may differ.
-# Redis keys hold fingerprints (a sha256 prefix), never a client or provider key. Round-robin positions stay per
-# instance: over N instances each rotates on its own, so shares even out but strict alternation does not hold.
-
-# KEYS: n sliding windows (sorted sets of request times), then keys whose remaining PTTL is wanted.
-# ARGV: n, a member unique to this request, then count and window (ms) per window. Returns the ms until every
-# window has room (0: admitted and recorded in all of them), then one PTTL per remaining key, comma-separated
-# (one string is parsed far faster by redis-py than an array of integers).
-_ADMIT_LUA: Final = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + t[2] / 1000
-local n = tonumber(ARGV[1])
-local wait = 0
-for i = 1, n do
-  local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
-  local used = redis.call('ZCARD', KEYS[i])
-  if used >= count then
-    local oldest = redis.call('ZRANGE', KEYS[i], used - count, used - count, 'WITHSCORES')
-    wait = math.max(wait, tonumber(oldest[2]) + window - now)
-  end
-end
-if wait == 0 then
-  for i = 1, n do
-    redis.call('ZADD', KEYS[i], now, ARGV[2])
-    redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 + 2 * i])))
-  end
-end
-local out = {math.ceil(wait)}
-for i = n + 1, #KEYS do out[#out + 1] = redis.call('PTTL', KEYS[i]) end
-return table.concat(out, ',')
-"""
-# KEYS: per candidate key in order, its bench key then its L windows. ARGV: L, member, count and window (ms) per
-# window. Takes the first candidate that is not benched and has room in every window; returns its 1-based
-# position, or 0 when none has.
-_ACQUIRE_LUA: Final = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + t[2] / 1000
-local l = tonumber(ARGV[1])
-for c = 0, #KEYS / (l + 1) - 1 do
-  local base = c * (l + 1)
-  if redis.call('EXISTS', KEYS[base + 1]) == 0 then
-    local room = true
-    for i = 1, l do
-      local count, window = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
-      redis.call('ZREMRANGEBYSCORE', KEYS[base + 1 + i], '-inf', now - window)
-      if redis.call('ZCARD', KEYS[base + 1 + i]) >= count then room = false end
-    end
-    if room then
-      for i = 1, l do
-        redis.call('ZADD', KEYS[base + 1 + i], now, ARGV[2])
-        redis.call('PEXPIRE', KEYS[base + 1 + i], math.ceil(tonumber(ARGV[2 + 2 * i])))
-      end
-      return c + 1
-    end
-  end
-end
-return 0
-"""
-# KEYS[1] cools (or is benched) for ARGV[1] ms, unless it already is for longer.
-_COOL_LUA: Final = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
-return 0
-"""
-SHARED_RETRY_S: Final = 1.0  # after a failure, Redis is left alone this long (requests decide without it)
-SHARED_WARN_EVERY_S: Final = 10.0
-
-
-class SharedStateDown(GatewayError):
-    status, type, code = 503, "server_error", "shared_state_unavailable"
-
-
-class SharedState:
-    """The Redis client, the scripts above, and the health that /metrics and /status report.
-
-    Commands issued in one turn of the event loop go to Redis together, in one pipeline: under load many
-    requests share a round trip, which is most of what Redis costs a request in CPU (bench/capacity.py).
-    Every call returns None instead of raising when Redis is unreachable or slower than `timeout`; the flow
-    then does what `on_error` says. After a failure Redis is left alone for SHARED_RETRY_S, then tried again,
-    so sharing resumes by itself when it is back and a dead Redis costs a request only the local decision.
-    """
-
-    def __init__(self, options: StateOptions) -> None:
-        import redis.asyncio  # only here: a one-process gateway never needs redis-py
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        self.options = options
-        self.errors = 0  # decisions taken without Redis (a metric)
-        self.down_since: float | None = None
-        # No socket_timeout: one timeout bounds each whole pipeline (_execute). No retries: redis-py retries
-        # with backoff by default, which would hold requests while Redis is down.
-        self._client = redis.asyncio.Redis.from_url(options.redis_url, socket_connect_timeout=options.timeout_s,
-                                                    retry=Retry(NoBackoff(), 0))
-        self._no_script = redis.exceptions.NoScriptError
-        self._faults = (redis.RedisError, OSError, asyncio.TimeoutError)
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Future[None]] = set()
-        self._retry_at = self._warned_at = -math.inf
-        self._member = os.urandom(6).hex().encode() + b":"  # + a counter: unique per request across instances
-        self._count = 0
-        # Arguments go to redis-py as bytes: its pure-Python packer then copies them instead of converting each.
-        self._names: dict[tuple[str, ...], bytes] = {}
-
-    def name(self, kind: str, *parts: str) -> bytes:
-        """`{prefix}:kind:fingerprint`. The braces make the prefix a hash tag: all keys one script touches fall
-        in one slot, as Redis Cluster proxies require."""
-        found = self._names.get((kind, *parts))
-        if found is None:
-            if len(self._names) > 100_000:  # reloads leave old names behind; forget them all now and then
-                self._names.clear()
-            digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
-            found = self._names[(kind, *parts)] = f"{{{self.options.prefix}}}:{kind}:{digest}".encode()
-        return found
-
-    def windows(self, owner: tuple[str, ...], found: tuple[str, tuple[RateLimit, ...]]) -> list[bytes]:
-        """Redis keys of the sliding windows of `owner` for one rate-limit entry (model name, limits)."""
-        entry, limits = found
-        return [self.name("rate", *owner, entry, f"{limit.count}/{limit.window_s:g}") for limit in limits]
-
-    async def admit(self, windows: Sequence[bytes], limits: Sequence[RateLimit],
-                    ttl_keys: Sequence[bytes]) -> list[int] | None:
-        """Check-and-record `windows`; [ms until admitted or 0, PTTL of each of `ttl_keys`...], None when down."""
-        keys = [*windows, *ttl_keys]
-        found = await self._call(b"EVALSHA", _SHA["admit"], b"%d" % len(keys), *keys, b"%d" % len(windows),
-                                 self._next_member(), *_limit_args(limits))
-        return None if found is None else [int(number) for number in found.split(b",")]
-
-    async def acquire(self, candidates: Sequence[tuple[bytes, list[bytes]]], limits: Sequence[RateLimit]) -> int | None:
-        """First candidate (bench key, window keys) free in Redis: its position, -1 when none, None when down."""
-        keys = [name for bench, names in candidates for name in (bench, *names)]
-        found = await self._call(b"EVALSHA", _SHA["acquire"], b"%d" % len(keys), *keys, b"%d" % len(limits),
-                                 self._next_member(), *_limit_args(limits))
-        return None if found is None else int(found) - 1
-
-    async def cool(self, name: bytes, seconds: float) -> None:
-        """`name` cools for `seconds` everywhere (a longer cooldown already there stays)."""
-        await self._call(b"EVALSHA", _SHA["cool"], b"1", name, b"%d" % math.ceil(seconds * 1000))
-
-    async def clear(self, name: bytes) -> None:
-        await self._call("DEL", name)
-
-    async def start(self) -> bool:
-        """Load the scripts (so the first requests need one round trip, not five); False when Redis is down."""
-        for text in _SCRIPTS.values():
-            if await self._call(b"SCRIPT", b"LOAD", text) is None:
-                return False
-        return True
-
-    def refuse_when_closed(self) -> None:
-        """Redis did not answer: with `on_error: closed` the request ends here, with a 503."""
-        if self.options.on_error == "closed":
-            raise SharedStateDown("Shared state (Redis) is unreachable and state.on_error is closed; retry shortly.")
-
-    async def close(self) -> None:
-        closing = getattr(self._client, "aclose", None) or self._client.close  # aclose: redis-py 5.0.1+
-        await closing()
-
-    def _next_member(self) -> bytes:
-        self._count += 1
-        return b"%s%d" % (self._member, self._count)
-
-    async def _call(self, *command: Any) -> Any:
-        """One command, sent with the others of this turn of the event loop."""
-        if time.monotonic() < self._retry_at:
-            self._fault(None)
-            return None
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
-        if len(self._queue) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        try:
-            result = await future
-            if isinstance(result, Exception):  # this command's own error, e.g. a wrong type at its key
-                raise result
-        except self._faults as exc:
-            self._fault(exc)
-            return None
-        if self.down_since is not None:
-            logger.warning("shared state: Redis answers again after %.1f s; limits and cooldowns are shared again",
-                           time.time() - self.down_since)
-            self.down_since = None
-        return result
-
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._sending.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        try:
-            results = await _within(self.options.timeout_s, self._execute([command for command, _ in batch]))
-        except Exception as exc:  # handed to each waiting request, which decides by on_error
-            results = [exc] * len(batch)
-        except BaseException:  # the loop is closing
-            for _, future in batch:
-                future.cancel()
-            raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():  # its request may have ended meanwhile
-                future.set_result(result)
-
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        results = await self._pipeline(commands)
-        if any(isinstance(result, self._no_script) for result in results):  # a restarted Redis forgot them
-            for text in _SCRIPTS.values():
-                await self._client.script_load(text)
-            results = await self._pipeline(commands)
-        return results
-
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        if len(commands) == 1:  # a pipeline object costs more than the one command it would carry
-            try:
-                return [await self._client.execute_command(*commands[0])]
-            except self._no_script as exc:
-                return [exc]
-        pipe = self._client.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
-
-    def _fault(self, exc: BaseException | None) -> None:
-        self.errors += 1
-        now = time.monotonic()
-        if exc is not None:
-            self._retry_at = now + SHARED_RETRY_S
-            self.down_since = self.down_since or time.time()
-        if now - self._warned_at >= SHARED_WARN_EVERY_S:
-            self._warned_at = now
-            decided = "answering 503" if self.options.on_error == "closed" else "each instance limits on its own"
-            logger.warning("shared state: Redis unreachable (%s); on_error=%s: %s until it is back (%d so far)",
-                           str(exc or "still down") or type(exc).__name__, self.options.on_error, decided,
-                           self.errors)
-
-
-_SCRIPTS: Final[Mapping[str, str]] = MappingProxyType({"admit": _ADMIT_LUA, "acquire": _ACQUIRE_LUA, "cool": _COOL_LUA})
-_SHA: Final[Mapping[str, bytes]] = MappingProxyType({  # the SHA1 by which EVALSHA names each script
-    name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in _SCRIPTS.items()})
-
-
-def _limit_args(limits: Sequence[RateLimit]) -> list[bytes]:
-    return [b"%d" % value for limit in limits for value in (limit.count, math.ceil(limit.window_s * 1000))]
-
-
-def _redis_where(url: str) -> str:
-    """host:port/db of a redis URL, without user or password."""
-    rest = url.split("://", 1)[1]
-    return rest.rsplit("@", 1)[-1]
-
-
-def render_shared_metrics(gw: Gateway) -> str:
-    lines = ["# HELP uni_api_instance_info The instance that answered (hostname:pid, or $INSTANCE_ID).",
-             "# TYPE uni_api_instance_info gauge", f'uni_api_instance_info{{instance_id="{gw.instance}"}} 1']
-    if gw.shared is not None:
-        lines += ["# HELP uni_api_shared_state_up 1 while Redis (shared state) answers, 0 while it does not.",
-                  "# TYPE uni_api_shared_state_up gauge",
-                  f"uni_api_shared_state_up {int(gw.shared.down_since is None)}",
-                  "# HELP uni_api_shared_state_errors_total Decisions taken without Redis (on_error open or closed).",
-                  "# TYPE uni_api_shared_state_errors_total counter",
-                  f"uni_api_shared_state_errors_total {gw.shared.errors}"]
-    return "\n".join(lines) + "\n"
-
-
-def shared_state_line(gw: Gateway) -> str:
-    """The /status page's sentence about this instance and its shared state."""
-    where = f"Instance {html.escape(gw.instance)}."
-    shared = gw.shared
-    if shared is None:
-        return f"{where} Limits and cooldowns are kept in this process only."
-    target = html.escape(f"{_redis_where(shared.options.redis_url)} (prefix {shared.options.prefix})")
-    if shared.down_since is None:
-        return f"{where} Shared state: Redis at {target}, answering."
-    since = time.strftime("%H:%M:%S UTC", time.gmtime(shared.down_since))
-    return (f"{where} <strong>Shared state: Redis at {target} UNREACHABLE since {since}</strong>; on_error "
-            f"{shared.options.on_error}, {shared.errors} decisions taken without it.")
-
-
-async def shared_admit(gw: Gateway, shared: SharedState, key: ApiKey, model: str,
-                       channels: Sequence[Channel]) -> int:
-    """One round trip: check-and-record the key's shared rate windows, and adopt the cooldowns of `channels`
-    and the benches of their providers' keys. Seconds to wait, 0 when admitted."""
-    limits = key.rate_limits or gw.config.rate_limits
-    found = limits.lookup(model) if limits is not None else None
-    windows = shared.windows(("client", key.token), found) if found is not None else []
-    providers = [gw.config.providers[name] for name in dict.fromkeys(channel.provider for channel in channels)]
-    cools = [shared.name("cool", c.provider, c.upstream_model) for c in channels]
-    benches = [shared.name("bench", p.name, api_key) for p in providers for api_key in p.api_keys]
-    answer = await shared.admit(windows, found[1] if found is not None else (), [*cools, *benches])
-    if answer is None:
-        shared.refuse_when_closed()
-        return gw.scheduler.admit(key.token, model, limits)
-    wait, ttls = answer[0], [max(0, ms) / 1000 for ms in answer[1:]]
-    gw.scheduler.adopt_cooldowns(dict(zip(channels, ttls[:len(channels)], strict=True)))
-    start = len(channels)
-    for provider in providers:
-        gw.scheduler.adopt_benches(provider.name, ttls[start:start + len(provider.api_keys)])
-        start += len(provider.api_keys)
-    return math.ceil(wait / 1000)
-
-
-async def shared_key(gw: Gateway, shared: SharedState, policy: Policy, model: str, tried: list[int]) -> int | None:
-    """`Scheduler.acquire_key` with the provider's `api_key_rate_limit` windows and benches kept in Redis."""
-    pool = policy.keys
-    found = pool.rate_limits.lookup(model) if pool.rate_limits is not None else None
-    if found is None:
-        return gw.scheduler.acquire_key(pool, model, tried)
-    order = gw.scheduler.key_order(pool, tried)
-    provider = gw.config.providers[pool.provider]
-    candidates = [(shared.name("bench", provider.name, provider.api_keys[i]),
-                   shared.windows(("key", provider.name, provider.api_keys[i]), found)) for i in order]
-    position = await shared.acquire(candidates, found[1]) if order else -1
-    if position is None:
-        shared.refuse_when_closed()
-        return gw.scheduler.acquire_key(pool, model, tried)
-    if position < 0:
-        return None
-    gw.scheduler.key_taken(pool, order[position])
-    return order[position]
-
-
-async def channel_failed(gw: Gateway, channel: Channel) -> None:
-    """Cool the channel here and, with shared state, everywhere (until its real expiry)."""
-    gw.scheduler.record_failure(channel)
-    if gw.shared is not None and channel.cooldown_s > 0:
-        await gw.shared.cool(gw.shared.name("cool", channel.provider, channel.upstream_model), channel.cooldown_s)
-
-
-async def key_failed(gw: Gateway, policy: Policy, index: int, retry_after: float | None) -> None:
-    """Bench the key here and, with shared state, everywhere, for the longer of its cooldown and Retry-After."""
-    gw.scheduler.record_key_failure(policy.keys, index, retry_after)
-    period = max(policy.keys.cooldown_s, retry_after or 0.0)
-    if gw.shared is not None and period > 0:
-        provider = gw.config.providers[policy.keys.provider]
-        await gw.shared.cool(gw.shared.name("bench", provider.name, provider.api_keys[index]), period)
-
-
-
-# --- Request flow: plan, attempts, failover ---
-
-
-def channels_for(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
-    channels = gw.routes[key.token].channels.get(model)
-    if channels:
-        return channels
-    if model in gw.known_models:
-        raise ModelNotAllowed(f"This API key may not use the model '{model}'.")
-    shown = model if len(model) <= 200 else model[:200] + "..."  # errors never echo a request back whole
-    raise ModelNotFound(f"The model '{shown}' does not exist or no provider serves it.")
-
-
-async def _keys(flow: Flow, policy: Policy, model: str) -> AsyncIterator[int | None]:
-    """The indexes of the provider's keys to try for one request, in scheduled order and each at most once, while
-    the request may spend more and a key is free (not benched, under its api_key_rate_limit); a provider without
-    keys gets one turn, index None. A key is taken only when its turn comes."""
-    if policy.keys.size == 0:
-        if flow.can_spend():
-            yield None
-        return
-    tried: list[int] = []
-    while flow.can_spend() and (index := await _acquire_key(flow.gw, policy, model, tried)) is not None:
-        tried.append(index)
-        yield index
-
-
-async def _acquire_key(gw: Gateway, policy: Policy, model: str, tried: list[int]) -> int | None:
-    if gw.shared is not None and policy.keys.rate_limits is not None:
-        return await shared_key(gw, gw.shared, policy, model, tried)
-    return gw.scheduler.acquire_key(policy.keys, model, tried)
-
-
-@dataclass(slots=True)
-class Flow:
-    """One client request on its way through the attempts: whose key asks for which model, what the request may
-    still spend (attempts under AUTO_RETRY; time under request_timeout, set by its first channel) and what
-    failed so far."""
-
-    gw: Gateway
-    key: ApiKey
-    model: str
-    record: RequestRecord | None = None
-    attempts_left: float = math.inf
-    deadline: float | None = None
-    failures: list[tuple[Channel, UpstreamError]] = field(default_factory=list)
-
-    def start_clock(self, first_timeout: float) -> None:
-        if self.deadline is None:
-            cap = self.gw.config.request_timeout
-            cap = 2 * first_timeout if cap is None else cap or math.inf
-            self.deadline = time.monotonic() + cap
-
-    def time_left(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - time.monotonic()
-
-    def can_spend(self) -> bool:
-        return self.attempts_left > 0 and self.time_left() > 0
-
-    def log_attempt(self, channel: Channel, index: int | None, status: int, started: float, why: str) -> None:
-        ms = (time.perf_counter() - started) * 1000
-        if self.record is not None:
-            self.record.add_attempt(channel, index, status, ms)
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("attempt key=%s provider=%s model=%s key_index=%s status=%d ms=%.1f %s", self.key.label,
-                        channel.provider, channel.upstream_model, "none" if index is None else index, status, ms,
-                        why)
-
-
-class _OutOfTime(UpstreamError):
-    """The request's time cap ended an attempt: the channel did not fail on its own terms, so it is not cooled."""
-
-
-class _NotServed(UpstreamError):
-    """The channel's engine has no such endpoint: try the next channel, but the channel itself is fine."""
-
-
-async def dispatch(gw: Gateway, key: ApiKey, model: str, send: Sender, record: RequestRecord | None = None) -> Response:
-    """Admit one request of `key` for `model`, then fail over across its channels."""
-    return await failover(gw, key, model, await admitted_channels(gw, key, model), send, record)
-
-
-async def admitted_channels(gw: Gateway, key: ApiKey, model: str) -> tuple[Channel, ...]:
-    """The key's channels for `model`, once the request fits the key's rate limit (recorded as one request)."""
-    channels = channels_for(gw, key, model)
-    if gw.shared is None:
-        wait = gw.scheduler.admit(key.token, model, key.rate_limits or gw.config.rate_limits)
-    else:
-        wait = await shared_admit(gw, gw.shared, key, model, channels)
-    if wait:
-        raise RateLimited(f"Rate limit reached for this API key on '{model}'; retry in {wait}s.", wait)
-    return channels
-
-
-async def failover(gw: Gateway, key: ApiKey, model: str, channels: Sequence[Channel], send: Sender,
-                   record: RequestRecord | None = None) -> Response:
-    """Try `channels` in scheduled order, each key of a channel at most once."""
-    flow = Flow(gw, key, model, record, math.inf if key.retries is None else key.retries + 1)
-    for channel in gw.scheduler.plan(key.token, channels, key.strategy):
-        response = await _try_channel(flow, channel, send)
-        if response is not None:
-            return response
-    raise _all_failed(model, flow.failures)
-
-
-async def _try_channel(flow: Flow, channel: Channel, send: Sender) -> Response | None:
-    """The channel's keys in turn until one answers or a failure is the channel's; failures go on `flow`."""
-    gw = flow.gw
-    policy = gw.config.policies[channel.provider]
-    timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
-    flow.start_clock(timeout)
-    tried = False
-    async for index in _keys(flow, policy, channel.upstream_model):
-        tried, left = True, flow.time_left()
-        flow.attempts_left -= 1
-        started = time.perf_counter()
-        outcome = await _attempt(flow, channel, index, timeout, send, left)
-        gw.recent.record(channel, outcome, time.perf_counter() - started)
-        if isinstance(outcome, Response):
-            return outcome
-        flow.failures.append((channel, outcome))
-        if not outcome.retryable:
-            raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
-                               code="upstream_error")
-        if isinstance(outcome, _OutOfTime):
-            flow.attempts_left = 0
-        elif isinstance(outcome, _NotServed):
-            flow.attempts_left += 1  # nothing was sent upstream
-        elif outcome.status in _KEY_FAILURES and index is not None:
-            await key_failed(gw, policy, index, outcome.retry_after)
-            continue
-        else:
-            await channel_failed(gw, channel)
-        return None
-    if not flow.can_spend():
-        return None
-    if tried:  # every key failed this request: the channel failed
-        await channel_failed(gw, channel)
-    else:
-        flow.failures.append((channel, UpstreamError(503, "every key is cooling down or rate limited")))
-    return None
-
-
-async def _attempt(flow: Flow, channel: Channel, index: int | None, timeout: float, send: Sender,
-                   left: float = math.inf) -> Response | UpstreamError:
-    """One try of one channel with one key, cut off when the request's time (`left`) runs out."""
-    gw = flow.gw
-    provider = gw.config.providers[channel.provider]
-    adapter = ADAPTERS[channel.engine]
-    started = time.perf_counter()
-
-    async def send_once() -> Response:
-        token = await gw.tokens.get(provider) if adapter.auth == "google-oauth" else None
-        api_key = "" if index is None else provider.api_keys[index]
-        return await send(channel, adapter, Target(provider, channel.upstream_model, api_key, token, time.time()),
-                          timeout)
-
-    try:
-        response = await _within(None if left == math.inf else left, send_once())
-    except asyncio.TimeoutError:  # only the cap: send turns its own timeouts into UpstreamError
-        exc = _OutOfTime(504, f"timed out after {left:.3g}s (the request's time limit)")
-        flow.log_attempt(channel, index, exc.status, started, f"stopping: {exc.message}")
-        return exc
-    except UpstreamError as exc:
-        exc.message = _redact_secrets(exc.message, gw.config.secrets)
-        flow.log_attempt(channel, index, exc.status, started, f"moving on: {exc.message}")
-        return exc
-    if gw.scheduler.record_success(channel) and gw.shared is not None:  # it was cooling: for everyone, then
-        await gw.shared.clear(gw.shared.name("cool", channel.provider, channel.upstream_model))
-    flow.log_attempt(channel, index, response.status_code, started, "")
-    return response
-
-
-async def _within(seconds: float | None, work: Awaitable[T]) -> T:
-    """`await work`, raising TimeoutError after `seconds`. asyncio.timeout (3.11+) cancels this task in place;
-    asyncio.wait_for, the 3.10 fallback, runs `work` in a task of its own (one more per attempt there)."""
-    if sys.version_info < (3, 11):
-        return await asyncio.wait_for(work, seconds)
-    async with asyncio.timeout(seconds):
-        return await work
-
-
-def _all_failed(model: str, failures: Sequence[tuple[Channel, UpstreamError]]) -> AllChannelsFailed:
-    statuses = {error.status for _, error in failures}
-    status = 504 if statuses <= {504} else 503 if statuses <= {429, 503} else 502  # none tried: out of time
-    reasons = "; ".join(f"{c.provider}/{c.upstream_model}: {e}" for c, e in failures) or "no channel was tried"
-    if statuses == {400}:  # every channel refused the request as converted for it (a hosted tool, ...): the client's
-        return AllChannelsFailed(f"No channel for '{model}' can take this request: {reasons}", status=400,
-                                 type_="invalid_request_error")
-    return AllChannelsFailed(f"All channels failed for '{model}': {reasons}", status=status)
-
-
-async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
-    """Run `work`, cancelling it (and the upstream call inside) if the client disconnects first.
-
-    `work` runs in this task and only the watcher gets a task of its own: one task per request, not two.
-    The watcher's callback runs while this task waits, so it never cancels a task that already moved on."""
-    current = asyncio.current_task()
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-
-    def on_disconnect(done: asyncio.Future[None]) -> None:
-        if not done.cancelled() and done.exception() is None and current is not None:
-            current.cancel()
-
-    watcher.add_done_callback(on_disconnect)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            raise ClientDisconnected() from None
-        raise
-    finally:
-        watcher.remove_done_callback(on_disconnect)
-        watcher.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-# --- Moderation (api_keys[].preferences.ENABLE_MODERATION) ---
-
-
-class ContentFlagged(GatewayError):
-    status, type, code = 400, "invalid_request_error", "content_policy_violation"
-
-
-_NO_MODERATION_MODEL: Final = (f"moderation is on but this key's model rules reach no moderation model "
-                               f"({' or '.join(MODERATION_MODELS)})")
-
-
-def unmoderated_keys(config: Config, routes: Mapping[str, KeyRoutes]) -> list[int]:
-    """Indexes of the keys with moderation on whose rules reach no moderation model."""
-    return [i for i, key in enumerate(config.api_keys) if key.moderation and not routes[key.token].moderation_model]
-
-
-def _check_moderation_rules(config: Config, entries: Sequence[tuple[str, Any, int]]) -> None:
-    """At parse time, when every provider lists its models; otherwise check_moderation runs after discovery."""
-    if not any(key.moderation for key in config.api_keys) or not all(p.models for p in config.providers.values()):
-        return
-    for i in unmoderated_keys(config, build_routes(config, {}, 0)[0]):
-        path, item, line = entries[i]
-        prefs = _Node(item, path, config.source, line).mapping("preferences")
-        assert prefs is not None  # ENABLE_MODERATION is on, so the key has preferences
-        raise prefs.error(_NO_MODERATION_MODEL, "ENABLE_MODERATION")
-
-
-def check_moderation(config: Config, routes: Mapping[str, KeyRoutes]) -> None:
-    """The same check once discovered model lists are in, at startup and on reload (no line number then)."""
-    for i in unmoderated_keys(config, routes):
-        where = f"api_keys[{i}].preferences.ENABLE_MODERATION"
-        raise ConfigError(f"{_source_name(config.source)}: {where}: {_NO_MODERATION_MODEL}")
-
-
-def flagged_categories(answer: bytes) -> list[str]:
-    """The categories an OpenAI moderation answer flags; ["unspecified"] when flagged without one."""
-    try:
-        results = [r for r in adapters.loads(answer)["results"] if r.get("flagged")]
-        names = [name for r in results for name, hit in (r.get("categories") or {}).items() if hit is True]
-    except (adapters.JSONDecodeError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise AllChannelsFailed("The moderation model's answer could not be read.") from None
-    return list(dict.fromkeys(names)) or (["unspecified"] if results else [])
-
-
-async def moderate(gw: Gateway, key: ApiKey, text: str) -> None:
-    """Send the last user text to the key's moderation model; raise ContentFlagged when it is flagged.
-
-    It rides on the chat request's admission (no rate-limit slot of its own) and fails closed: when every
-    moderation channel fails, the chat request fails too.
-    """
-    model = gw.routes[key.token].moderation_model
-    if not text or model is None:
-        return
-    send = endpoint_sender(gw, "moderations", {"model": model, "input": text}, model)
-    answer = await failover(gw, key, model, channels_for(gw, key, model), send)
-    flagged = flagged_categories(answer.body)
-    if flagged:
-        raise ContentFlagged(f"The request was rejected by moderation; flagged categories: {', '.join(flagged)}.")
-
-
-async def face_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
-                    client_headers: Mapping[str, str], record: RequestRecord | None = None) -> Response:
-    """Admission, then moderation when the key has it on, then the attempts."""
-    channels = await admitted_channels(gw, key, model)
-    if key.moderation:
-        await moderate(gw, key, face.user_text(body))
-    return await failover(gw, key, model, channels, face_sender(gw, face, body, model, client_headers, record), record)
-
-
-# --- Routes ---
-
-
-def _gateway(request: Request) -> Gateway:
-    """The gateway of the current config; a request takes it once, so a reload cannot change it midway."""
-    return request.app.state.gateway  # type: ignore[no-any-return]
-
-
-def face_route(face: Face) -> Callable[[Request], Awaitable[Response]]:
-    """The route of one client API: auth, the body, the face's checks, then the flow; errors in the face's shape."""
-
-    async def handle(request: Request) -> Response:
-        request.state.face = face
-        gw = _gateway(request)
-        key = authenticate(request, gw.config)
-        body = await read_json(request, gw.config.body_limit)
-        model = checked(face.validate, body)
-        record = _track(request, key, model)
-        return await until_disconnect(request, face_flow(gw, key, model, face, body, request.headers, record))
-
-    return handle
-
-
-def json_endpoint(endpoint: adapters.Endpoint, default_model: str | None = None) -> Callable[..., Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        gw = _gateway(request)
-        key = authenticate(request, gw.config)
-        body = await read_json(request, gw.config.body_limit)
-        model = checked(adapters.require_model, body, default_model)
-        record = _track(request, key, model)
-        send = endpoint_sender(gw, endpoint, body, model, record=record)
-        return await until_disconnect(request, dispatch(gw, key, model, send, record))
-
-    return handle
-
-
-async def transcriptions(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    form = parse_multipart(await read_body(request, gw.config.body_limit), request.headers.get("content-type", ""))
-    model = checked(adapters.require_model, dict((k, v) for k, v in form if isinstance(v, str)))
-    record = _track(request, key, model)
-    send = endpoint_sender(gw, "transcriptions", None, model, form, record)
-    return await until_disconnect(request, dispatch(gw, key, model, send, record))
-
-
-async def list_models(request: Request) -> Response:
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    return _json_response(gw.routes[key.token].models_body)
-
-
-async def healthz(request: Request) -> Response:
-    return _json_response(b'{"status":"ok"}')
-
-
-def _track(request: Request, key: ApiKey, model: str) -> RequestRecord | None:
-    """The request's stats record (made by RequestLog), now naming its key and model."""
-    record: RequestRecord | None = getattr(request.state, "record", None)
-    if record is not None:
-        record.key, record.model = key, model
-    return record
-
-
-# --- Status page (GET /status, admin keys) ---
-
-STATUS_BUCKET_S: Final = 300.0
-STATUS_BUCKETS: Final = 72  # six hours of five-minute buckets
-_CHART_HEIGHT: Final = 32
-_STATUS_HEADERS: Final = MappingProxyType({  # the key may be in the URL: no caching, no referrer, no outside assets
-    "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
-_STATUS_STYLE: Final = (
-    "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111;background:#fff}"
-    "table{border-collapse:collapse}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
-    "th:first-child,td:first-child{text-align:left}th{background:#f3f4f6}.cool{color:#b45309}"
-    "svg{display:block;background:#f3f4f6}")
-
-
-@dataclass(slots=True)
-class _Bucket:
-    slot: int  # time // bucket_s
-    attempts: int = 0
-    answered: int = 0  # attempts answered with a status below 400
-    total_ms: float = 0.0
-
-
-class AttemptStats:
-    """Attempts per channel (provider, upstream model) in time buckets: memory bounded at any traffic.
-
-    Kept in memory only, for the status page; `record` is plain `def`, so it is atomic on the loop.
-    """
-
-    def __init__(self, *, clock: Callable[[], float] = time.time, bucket_s: float = STATUS_BUCKET_S,
-                 buckets: int = STATUS_BUCKETS) -> None:
-        self._clock, self.bucket_s, self.buckets = clock, bucket_s, buckets
-        self._series: dict[tuple[str, str], deque[_Bucket]] = {}
-
-    def record(self, channel: Channel, outcome: Response | UpstreamError, seconds: float) -> None:
-        status = outcome.status_code if isinstance(outcome, Response) else outcome.status
-        slot = int(self._clock() // self.bucket_s)
-        series = self._series.get((channel.provider, channel.upstream_model))
-        if series is None:
-            series = self._series[(channel.provider, channel.upstream_model)] = deque(maxlen=self.buckets)
-        if not series or series[-1].slot != slot:
-            series.append(_Bucket(slot))
-        bucket = series[-1]
-        bucket.attempts += 1
-        bucket.answered += status < 400
-        bucket.total_ms += seconds * 1000
-
-    def window(self) -> list[tuple[str, str, list[_Bucket]]]:
-        """Per channel with attempts in the window, its buckets oldest first, empty ones filled in."""
-        last = int(self._clock() // self.bucket_s)
-        slots = range(last - self.buckets + 1, last + 1)
-        out = []
-        for (provider, model), series in sorted(self._series.items()):
-            by_slot = {bucket.slot: bucket for bucket in series if bucket.slot >= slots.start}
-            if by_slot:
-                out.append((provider, model, [by_slot.get(slot) or _Bucket(slot) for slot in slots]))
-        return out
-
-
-def _svg_bars(bars: Iterable[tuple[int, float, float, str]], count: int, top: float, label: str) -> str:
-    """A bar chart as inline SVG: each bar is (x, bottom, height, color) in value units."""
-    scale = _CHART_HEIGHT / (top or 1)
-    rects = "".join(f'<rect x="{x}" y="{_CHART_HEIGHT - (bottom + height) * scale:.2f}" width="0.8" '
-                    f'height="{height * scale:.2f}" fill="{color}"/>' for x, bottom, height, color in bars if height)
-    return (f'<svg role="img" aria-label="{label}" width="{count * 3}" height="{_CHART_HEIGHT}" '
-            f'viewBox="0 0 {count} {_CHART_HEIGHT}" preserveAspectRatio="none">{rects}</svg>')
-
-
-def _requests_chart(buckets: Sequence[_Bucket]) -> str:
-    bars = [bar for i, b in enumerate(buckets) for bar in ((i, 0.0, b.answered, "#16a34a"),
-                                                           (i, b.answered, b.attempts - b.answered, "#dc2626"))]
-    return _svg_bars(bars, len(buckets), max(b.attempts for b in buckets), "attempts: answered green, failed red")
-
-
-def _latency_chart(buckets: Sequence[_Bucket]) -> str:
-    means = [b.total_ms / b.attempts if b.attempts else 0.0 for b in buckets]
-    bars = [(i, 0.0, mean, "#2563eb") for i, mean in enumerate(means)]
-    return _svg_bars(bars, len(buckets), max(means), "mean latency")
-
-
-def _status_row(provider: str, model: str, buckets: Sequence[_Bucket], cooling: bool) -> str:
-    attempts = sum(b.attempts for b in buckets)
-    answered, total_ms = sum(b.answered for b in buckets), sum(b.total_ms for b in buckets)
-    name = html.escape(f"{provider}/{model}") + (' <span class="cool">(cooling down)</span>' if cooling else "")
-    return (f"<tr><td>{name}</td><td>{attempts}</td><td>{100 * answered / attempts:.1f}%</td>"
-            f"<td>{total_ms / attempts:.0f} ms</td><td>{_requests_chart(buckets)}</td>"
-            f"<td>{_latency_chart(buckets)}</td></tr>")
-
-
-def render_status(gw: Gateway, now: float) -> str:
-    """The status page: one row per channel with attempts in the window, charts as inline SVG, no script."""
-    stats, config = gw.recent, gw.config
-    cooling = {(c.provider, c.upstream_model) for c in gw.scheduler.cooling()}
-    rows = "".join(_status_row(p, m, b, (p, m) in cooling) for p, m, b in stats.window())
-    minutes, hours = stats.bucket_s / 60, stats.bucket_s * stats.buckets / 3600
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
-    loaded = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(gw.loaded_at))
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>uni-api status</title>'
-            f'<meta http-equiv="refresh" content="60"><style>{_STATUS_STYLE}</style></head><body>'
-            f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
-            f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
-            f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
-            f"<p>{shared_state_line(gw)}</p>"
-            f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
-            f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
-            f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
-
-
-async def status_page(request: Request) -> Response:
-    """Read-only HTML for admin keys; the key as `?key=` (for a browser) or the usual headers."""
-    gw = _gateway(request)
-    token = request.query_params.get("key")
-    key = find_key(gw.config, token) if token else authenticate(request, gw.config)
-    if key.role != "admin":
-        raise AdminRequired("The status page needs an admin key (role: admin).")
-    return HTMLResponse(render_status(gw, time.time()), headers=_STATUS_HEADERS)
-
-
-# --- Passthrough: an engine that speaks the client's API natively ---
-# The body goes as sent (the model renamed), the answer comes back as it came, through the face's NativeStream;
-# a stream commits after the upstream's first event (an error event there fails the attempt).
-
-
-async def native_attempt(gw: Gateway, face: Face, native: Adapter, body: Mapping[str, Any], model: str,
-                         record: RequestRecord | None, channel: Channel, target: Target, timeout: float) -> Response:
-    triggers = gw.config.error_triggers
-    request = native.build_request(body, target)
-    response = await _open(gw, gw.config.policies[channel.provider], request, timeout)
-    try:
-        await _check_status(response, native, timeout)
-        if not face.is_stream(body):
-            raw = await _read(response, timeout)
-            _check_triggers(raw.decode("utf-8", "replace"), triggers)
-            answer, usage = face.native_answer(raw, model)
-            if record is not None:
-                record.add_usage(usage)
-            return _json_response(answer)
-        stream = face.native_stream(body, model)
-        events = native.iter_events(response.content.iter_any())
-        with _transport_errors(timeout):
-            first = stream.on_event(await anext_or_fail(events))
-        _check_triggers(first.decode("utf-8", "replace"), triggers)
-    except BaseException:
-        response.close()
-        raise
-    frames = _relay_native(stream, first, events, response, timeout, record, gw.config.secrets)
-    return StreamingResponse(frames, media_type=stream.media_type, headers=_STREAM_HEADERS)
-
-
-async def anext_or_fail(events: AsyncIterator[T]) -> T:
-    try:
-        return await events.__anext__()
-    except StopAsyncIteration:
-        raise UpstreamError(502, "upstream stream ended before its first event") from None
-
-
-async def _relay_native(stream: adapters.NativeStream, first: bytes, events: AsyncIterator[adapters.SSEEvent],
-                        response: aiohttp.ClientResponse, timeout: float, record: RequestRecord | None,
-                        secrets: re.Pattern[str] | None) -> AsyncIterator[bytes]:
-    """The committed passthrough stream; a cut before the format's last event ends it with the face's error."""
-    last: list[bytes] = []
-    try:
-        yield first
-        with _transport_errors(timeout):
-            async for event in events:
-                yield stream.on_event(event)
-        if not stream.done:
-            raise UpstreamError(502, "upstream stream ended before its last event")
-        last = stream.end()
-    except UpstreamError as exc:
-        last = stream.fail(_stream_failure(exc, secrets), 502)
-    finally:
-        response.close()
-        if record is not None:
-            record.add_usage(stream.usage)
-    for frame in last:
-        yield frame
-
-
-# --- Anthropic count_tokens ---
-# "Count tokens in a Message" for clients of the Messages API: a channel that counts (the Anthropic API) answers,
-# any other gets the gateway's estimate.
-
-
-def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
-    """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if channel.engine not in adapters.COUNTING_ENGINES:
-            return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
-        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
-        response = await _open(gw, gw.config.policies[channel.provider],
-                               native.build_count_tokens_request(body, target), timeout)
-        try:
-            await _check_status(response, native, timeout)
-            return _json_response(await _read(response, timeout))
-        finally:
-            response.release()
-
-    return send
-
-
-async def count_tokens(request: Request) -> Response:
-    """"Count tokens in a Message": passed to a channel that counts when one serves the model, else estimated
-    without spending the key's rate limit."""
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    request.state.face = adapters.FACES["messages"]
-    model = checked(adapters.FACES["messages"].validate, body)
-    record = _track(request, key, model)
-    channels = channels_for(gw, key, model)
-    if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
-        return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
-    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
-
-
-# --- OpenAI Responses: the store behind previous_response_id, GET / DELETE, compact ---
-
-
-class ResponseNotFound(GatewayError):
-    status, type = 404, "invalid_request_error"
-
-
-class CompactNotServed(GatewayError):
-    """Compaction is OpenAI's own summary of a conversation; only a Responses-native upstream makes one. A 4xx, so
-    a client does not retry it (Codex calls compact only for its built-in `openai` provider, codex-rs
-    compact.rs should_use_remote_compact_task; a custom provider compacts with an ordinary request)."""
-
-    status, type, code = 404, "invalid_request_error", "compact_not_supported"
-
-
-def _chained(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The body with the stored context of its previous_response_id before its input (400 when it is unknown)."""
-    previous = body.get("previous_response_id")
-    if not previous:
-        return body
-    stored = gw.responses.get(previous, owner, gw.config.responses_store)
-    if stored is None:
-        error = adapters.previous_not_found(previous)
-        raise InvalidRequest(error.message, code=error.code, param=error.param)
-    return adapters.chain_input(list(stored.items), body)
-
-
-def _dereferenced(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Mapping[str, Any]:
-    """item_reference inputs replaced by the stored items they name (the AI SDK sends earlier answers so when
-    `store` is on); one the store does not hold gets OpenAI's 400."""
-    items = body.get("input")
-    if not isinstance(items, list) or not any(item.get("type") == "item_reference" for item in items):
-        return body
-    resolved = []
-    for i, item in enumerate(items):
-        found = gw.responses.item(str(item.get("id")), owner, gw.config.responses_store) if item.get(
-            "type") == "item_reference" else item
-        if found is None:
-            raise InvalidRequest(f"Item with id '{item.get('id')}' not found.", param=f"input[{i}]")
-        resolved.append(found)
-    return {**body, "input": resolved}
-
-
-def _keeper(gw: Gateway, owner: bytes, body: Mapping[str, Any]) -> Callable[[dict[str, Any]], None] | None:
-    """What stores a finished response (unless the client said store: false)."""
-    if body.get("store") is False:
-        return None
-    limits = gw.config.responses_store
-
-    def keep(response: dict[str, Any]) -> None:
-        gw.responses.put(owner, response, adapters.stored_items(body, response), limits)
-
-    return keep
-
-
-async def responses(request: Request) -> Response:
-    """POST /v1/responses: the face's flow, with previous_response_id resolved and the answer stored."""
-    request.state.face = face = adapters.FACES["responses"]
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = checked(face.validate, body)
-    owner = _digest(key.token)
-    previous = body.get("previous_response_id")
-    body = _chained(gw, owner, _dereferenced(gw, owner, body))
-    storing = adapters.ResponsesFace(_keeper(gw, owner, body), previous)
-    record = _track(request, key, model)
-    return await until_disconnect(request, face_flow(gw, key, model, storing, body, request.headers, record))
-
-
-def _stored_request(request: Request) -> tuple[Gateway, bytes, str]:
-    request.state.face = adapters.FACES["responses"]
-    gw = _gateway(request)
-    return gw, _digest(authenticate(request, gw.config).token), request.path_params["response_id"]
-
-
-async def get_response(request: Request) -> Response:
-    """"Get a model response": a stored one, for the key that made it."""
-    gw, owner, response_id = _stored_request(request)
-    found = gw.responses.get(response_id, owner, gw.config.responses_store)
-    if found is None:
-        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
-    return _json_response(adapters.dumps(found.response))
-
-
-async def delete_response(request: Request) -> Response:
-    """"Delete a model response": {id, object: response.deleted, deleted: true}."""
-    gw, owner, response_id = _stored_request(request)
-    if not gw.responses.delete(response_id, owner, gw.config.responses_store):
-        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
-    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
-
-
-async def compact_response(request: Request) -> Response:
-    """POST /v1/responses/compact ("Compact a response"): passed through to the model's Responses-native channels,
-    the answer relayed as it came; without one, a clean 4xx in OpenAI's envelope after the usual checks."""
-    request.state.face = adapters.FACES["responses"]
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    body = await read_json(request, gw.config.body_limit)
-    model = checked(adapters.require_model, body)
-    if not any("compact" in ADAPTERS[channel.engine].endpoints for channel in channels_for(gw, key, model)):
-        raise CompactNotServed(f"POST /v1/responses/compact needs a Responses-native channel for model '{model}' "
-                               f"and none serves it; compact the conversation with an ordinary request instead.")
-    record = _track(request, key, model)
-    send = endpoint_sender(gw, "compact", body, model, record=record)
-    return await until_disconnect(request, dispatch(gw, key, model, send, record))
-
-
-# --- Gemini inbound ---
-# Gemini's API for Gemini CLI and the google-genai SDKs (adapters, "Gemini generateContent inbound"), under /v1beta
-# and /v1: models.generateContent, models.streamGenerateContent, models.countTokens, models.list and models.get.
-# Keys come as x-goog-api-key or ?key= as well (authenticate); errors take Google's shape (_is_gemini_route). /v1/models
-# and /v1/models/{model} answer in Gemini's shape to a Gemini client (its key in x-goog-api-key or ?key=), else
-# in OpenAI's.
-
-
-async def gemini_models(request: Request) -> Response:
-    """"models.list": the models the key may use, one page (no nextPageToken)."""
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    models = [adapters.gemini_model(alias) for alias in gw.routes[key.token].channels]
-    return _json_response(adapters.dumps({"models": models}))
-
-
-async def gemini_model(request: Request) -> Response:
-    """"models.get": a model the key may use (404 or 403 as a generation request would get)."""
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    alias = request.path_params["model"].removeprefix("models/")
-    channels_for(gw, key, alias)
-    return _json_response(adapters.dumps(adapters.gemini_model(alias)))
-
-
-async def v1_models(request: Request) -> Response:
-    return await (gemini_models if google_key(request) else list_models)(request)
-
-
-async def v1_model(request: Request) -> Response:
-    """GET /v1/models/{model}: Gemini's models.get for a Gemini client, else OpenAI's "Retrieve model"."""
-    if google_key(request):
-        return await gemini_model(request)
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    alias = request.path_params["model"]
-    channels_for(gw, key, alias)
-    listing = adapters.loads(gw.routes[key.token].models_body)["data"]
-    return _json_response(adapters.dumps(next(entry for entry in listing if entry["id"] == alias)))
-
-
-_GEMINI_FACE: Final = adapters.FACES["gemini"]
-# The colon verbs of models.* that take a body ("models.generateContent", "models.streamGenerateContent",
-# "models.countTokens").
-_GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
-
-
-def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
-    """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        native = _GEMINI_FACE.native.get(channel.engine)
-        if not isinstance(native, adapters.GeminiNativeAdapter):
-            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
-        response = await _open(gw, gw.config.policies[channel.provider],
-                               native.build_count_tokens_request(body, target), timeout)
-        try:
-            await _check_status(response, native, timeout)
-            return _json_response(await _read(response, timeout))
-        finally:
-            response.release()
-
-    return send
-
-
-async def gemini_generate(request: Request) -> Response:
-    """POST .../models/{model}:{verb}: the path and query become the body's model, stream and alt keys, then the
-    face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
-    naming it."""
-    request.state.face = _GEMINI_FACE
-    gw = _gateway(request)
-    key = authenticate(request, gw.config)
-    model, _, verb = request.path_params["target"].removeprefix("models/").rpartition(":")
-    if verb not in _GEMINI_VERBS or not model:
-        raise ModelNotFound(f"Unknown method '{verb}': this gateway serves {', '.join(sorted(_GEMINI_VERBS))}.")
-    body = {**await read_json(request, gw.config.body_limit), "model": model,
-            "stream": verb == "streamGenerateContent", "alt": request.query_params.get("alt")}
-    record = _track(request, key, model)
-    native = any(channel.engine in _GEMINI_FACE.native for channel in channels_for(gw, key, model))
-    if verb == "countTokens":
-        if not native:
-            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
-        return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
-    checked(_GEMINI_FACE.validate, body)
-    if not native:
-        checked(adapters.from_gemini_request, body)
-    return await until_disconnect(request, face_flow(gw, key, model, _GEMINI_FACE, body, request.headers, record))
-
-
 # --- Stats routes and the request log ---
 
 
@@ -3291,278 +3454,127 @@ def _secrets_pattern(providers: Iterable[Provider], keys: Iterable[ApiKey]) -> r
     return re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))) if secrets else None
 
 
-# --- Errors rendered in one place ---
+# --- Status page (GET /status, admin keys) ---
 
 
-# Routes whose clients expect another API's error shape even before their handler ran (unknown method, ...).
-_FACE_BY_PATH: Final[Mapping[str, Face]] = MappingProxyType(
-    {"/v1/messages": adapters.FACES["messages"], "/v1/messages/count_tokens": adapters.FACES["messages"]})
+STATUS_BUCKET_S: Final = 300.0
+STATUS_BUCKETS: Final = 72  # six hours of five-minute buckets
+_CHART_HEIGHT: Final = 32
+_STATUS_HEADERS: Final = MappingProxyType({  # the key may be in the URL: no caching, no referrer, no outside assets
+    "Cache-Control": "no-store", "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+_STATUS_STYLE: Final = (
+    "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111;background:#fff}"
+    "table{border-collapse:collapse}th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+    "th:first-child,td:first-child{text-align:left}th{background:#f3f4f6}.cool{color:#b45309}"
+    "svg{display:block;background:#f3f4f6}")
 
 
-def _is_gemini_route(request: Request) -> bool:
-    """Gemini's routes, whose paths carry the model: anything under /v1beta, a colon verb after the model under /v1,
-    and /v1/models for a Gemini client (its key in x-goog-api-key or ?key=)."""
-    path = request.url.path
-    return path.startswith("/v1beta/") or (path.startswith("/v1/models") and (":" in path or bool(google_key(request))))
+@dataclass(slots=True)
+class _Bucket:
+    slot: int  # time // bucket_s
+    attempts: int = 0
+    answered: int = 0  # attempts answered with a status below 400
+    total_ms: float = 0.0
 
 
-def _envelope(request: Request, message: str, type_: str, code: str | None, status: int,
-              headers: Mapping[str, str] | None = None, param: str | None = None) -> JSONResponse:
-    """The error in the shape of the request's face (OpenAI's envelope where none was chosen yet)."""
-    face = getattr(request.state, "face", None) or _FACE_BY_PATH.get(request.url.path) or adapters.FACES[
-        "gemini" if _is_gemini_route(request) else "chat"]
-    body = face.error_body(message, status, type_, code)
-    if param is not None and isinstance(body.get("error"), dict) and "param" in body["error"]:
-        body["error"]["param"] = param
-    return JSONResponse(body, status_code=status, headers=headers)
+class AttemptStats:
+    """Attempts per channel (provider, upstream model) in time buckets: memory bounded at any traffic.
 
-
-async def render_error(request: Request, exc: Exception) -> Response:
-    path = request.url.path
-    if isinstance(exc, GatewayError):
-        return _envelope(request, exc.message, exc.type, exc.code, exc.status, exc.headers, exc.param)
-    if isinstance(exc, HTTPException):
-        type_ = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
-        return _envelope(request, str(exc.detail), type_, None, exc.status_code, exc.headers)
-    if isinstance(exc, ClientDisconnected):
-        return Response(status_code=499)
-    logger.exception("unexpected error on %s", path)
-    record = getattr(request.state, "record", None)  # this handler runs outside RequestLog: name the request here
-    headers = {"x-request-id": record.request_id} if record is not None else None
-    return _envelope(request, "Internal error in the gateway.", "server_error", None, 500, headers)
-
-
-# --- App ---
-
-
-async def discover_models(config: Config, session: aiohttp.ClientSession,
-                          tokens: TokenCache) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Model lists of providers without `model:`, from their models endpoint; a failure is a warning."""
-
-    async def one(provider: Provider) -> tuple[str, tuple[tuple[str, str], ...]]:
-        adapter = ADAPTERS[provider.engine]
-        try:  # an adapter that cannot list models raises UpstreamError from build_models_request
-            token = await tokens.get(provider) if adapter.auth == "google-oauth" else None
-            target = Target(provider, "", provider.api_keys[0] if provider.api_keys else "", token, time.time())
-            request = adapter.build_models_request(target)
-            async with session.request(request.method, request.url, headers=dict(request.headers),
-                                       timeout=aiohttp.ClientTimeout(total=DISCOVERY_TIMEOUT)) as response:
-                body = await response.read()
-                if response.status != 200:
-                    raise adapter.parse_error(response.status, body)
-                names = adapter.parse_models(adapters.loads(body))
-        except (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("provider %s: could not list its models (%s); it serves none until a restart or reload",
-                           provider.name, _redact_secrets(str(exc) or type(exc).__name__, config.secrets))
-            return provider.name, ()
-        return provider.name, tuple((name, name) for name in names)
-
-    pending = [one(p) for p in config.providers.values() if not p.models]
-    return dict(await asyncio.gather(*pending)) if pending else {}
-
-
-def _socks_session(proxy: str) -> aiohttp.ClientSession:
-    from aiohttp_socks import ProxyConnector  # optional; checked when the config was parsed
-
-    return aiohttp.ClientSession(connector=ProxyConnector.from_url(proxy), timeout=aiohttp.ClientTimeout(total=None))
-
-
-# --- Config reload (SIGHUP, or the config file changed) ---
-
-
-async def build_gateway(config: Config, base: Gateway, socks: dict[str, aiohttp.ClientSession]) -> Gateway:
-    """A gateway for `config` sharing `base`'s runtime state (scheduler, sessions, stats), at startup and on reload.
-
-    Model discovery, routes and the moderation check run here; a ConfigError leaves `base` serving. The
-    scheduler is shared, so unchanged channels (value-equal records) keep their cooldowns and rate windows.
+    Kept in memory only, for the status page; `record` is plain `def`, so it is atomic on the loop.
     """
-    base.tokens.forget(n for n, p in config.providers.items() if base.config.providers.get(n, p) != p)
-    routes, known = build_routes(config, await discover_models(config, base.session, base.tokens), int(time.time()))
-    check_moderation(config, routes)
-    for proxy in {p.proxy for p in config.policies.values() if p.proxy and p.proxy.startswith("socks")} - set(socks):
-        socks[proxy] = _socks_session(proxy)  # closed with the others when the app stops
-    return replace(base, config=config, routes=routes, known_models=known, loaded_at=time.time())
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, bucket_s: float = STATUS_BUCKET_S,
+                 buckets: int = STATUS_BUCKETS) -> None:
+        self._clock, self.bucket_s, self.buckets = clock, bucket_s, buckets
+        self._series: dict[tuple[str, str], deque[_Bucket]] = {}
+
+    def record(self, channel: Channel, outcome: Response | UpstreamError, seconds: float) -> None:
+        status = outcome.status_code if isinstance(outcome, Response) else outcome.status
+        slot = int(self._clock() // self.bucket_s)
+        series = self._series.get((channel.provider, channel.upstream_model))
+        if series is None:
+            series = self._series[(channel.provider, channel.upstream_model)] = deque(maxlen=self.buckets)
+        if not series or series[-1].slot != slot:
+            series.append(_Bucket(slot))
+        bucket = series[-1]
+        bucket.attempts += 1
+        bucket.answered += status < 400
+        bucket.total_ms += seconds * 1000
+
+    def window(self) -> list[tuple[str, str, list[_Bucket]]]:
+        """Per channel with attempts in the window, its buckets oldest first, empty ones filled in."""
+        last = int(self._clock() // self.bucket_s)
+        slots = range(last - self.buckets + 1, last + 1)
+        out = []
+        for (provider, model), series in sorted(self._series.items()):
+            by_slot = {bucket.slot: bucket for bucket in series if bucket.slot >= slots.start}
+            if by_slot:
+                out.append((provider, model, [by_slot.get(slot) or _Bucket(slot) for slot in slots]))
+        return out
 
 
-async def reload_gateway(app: Starlette, source: str, socks: dict[str, aiohttp.ClientSession]) -> bool:
-    """Load and validate `source`, then swap `app.state.gateway` in one assignment; a bad config is one log line."""
-    try:
-        gateway = await build_gateway(await reload_config(source), app.state.gateway, socks)
-    except ConfigError as exc:
-        logger.error("config reload failed, the running config stays: %s", exc)
-        return False
-    if gateway.config.state != app.state.gateway.config.state:
-        logger.warning("config reload: changes to state: (shared state) take effect at the next start")
-    app.state.gateway = gateway
-    logger.info("config reloaded from %s: %s", _source_name(source), summarize(gateway.config).split("\n")[0])
-    return True
+def _svg_bars(bars: Iterable[tuple[int, float, float, str]], count: int, top: float, label: str) -> str:
+    """A bar chart as inline SVG: each bar is (x, bottom, height, color) in value units."""
+    scale = _CHART_HEIGHT / (top or 1)
+    rects = "".join(f'<rect x="{x}" y="{_CHART_HEIGHT - (bottom + height) * scale:.2f}" width="0.8" '
+                    f'height="{height * scale:.2f}" fill="{color}"/>' for x, bottom, height, color in bars if height)
+    return (f'<svg role="img" aria-label="{label}" width="{count * 3}" height="{_CHART_HEIGHT}" '
+            f'viewBox="0 0 {count} {_CHART_HEIGHT}" preserveAspectRatio="none">{rects}</svg>')
 
 
-def file_signature(source: str) -> tuple[int, int] | None:
-    """A local config's mtime and size (one stat, cheap to poll); None for a URL or a path that cannot be read."""
-    if _is_url(source):
-        return None
-    try:
-        stat = os.stat(source)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
+def _requests_chart(buckets: Sequence[_Bucket]) -> str:
+    bars = [bar for i, b in enumerate(buckets) for bar in ((i, 0.0, b.answered, "#16a34a"),
+                                                           (i, b.answered, b.attempts - b.answered, "#dc2626"))]
+    return _svg_bars(bars, len(buckets), max(b.attempts for b in buckets), "attempts: answered green, failed red")
 
 
-async def watch_config(source: str, poll_s: float, wake: asyncio.Event, reload: Callable[[], Awaitable[bool]]) -> None:
-    """Reload when `wake` is set (SIGHUP), and when a local file's signature changed (polled every `poll_s`)."""
-    seen = file_signature(source)
-    interval = poll_s if poll_s > 0 and not _is_url(source) else None
-    while True:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wake.wait(), interval)
-        current = file_signature(source)
-        if wake.is_set() or current != seen:
-            wake.clear()
-            seen = current
-            try:
-                await reload()
-            except Exception:  # a bug in one reload must not end reloading for the life of the process
-                logger.exception("config reload failed unexpectedly; the running config stays")
+def _latency_chart(buckets: Sequence[_Bucket]) -> str:
+    means = [b.total_ms / b.attempts if b.attempts else 0.0 for b in buckets]
+    bars = [(i, 0.0, mean, "#2563eb") for i, mean in enumerate(means)]
+    return _svg_bars(bars, len(buckets), max(means), "mean latency")
 
 
-def _on_sighup(callback: Callable[[], None]) -> Callable[[], None]:
-    """Call `callback` on SIGHUP and return the undo; a no-op without SIGHUP (Windows) or off the main thread."""
-    sighup = getattr(signal, "SIGHUP", None)
-    loop = asyncio.get_running_loop()
-    if sighup is None or threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    try:
-        loop.add_signal_handler(sighup, callback)
-    except (NotImplementedError, RuntimeError, ValueError):  # a loop without signal support
-        return lambda: None
-    return lambda: loop.remove_signal_handler(sighup)
+def _status_row(provider: str, model: str, buckets: Sequence[_Bucket], cooling: bool) -> str:
+    attempts = sum(b.attempts for b in buckets)
+    answered, total_ms = sum(b.answered for b in buckets), sum(b.total_ms for b in buckets)
+    name = html.escape(f"{provider}/{model}") + (' <span class="cool">(cooling down)</span>' if cooling else "")
+    return (f"<tr><td>{name}</td><td>{attempts}</td><td>{100 * answered / attempts:.1f}%</td>"
+            f"<td>{total_ms / attempts:.0f} ms</td><td>{_requests_chart(buckets)}</td>"
+            f"<td>{_latency_chart(buckets)}</td></tr>")
 
 
-@contextlib.asynccontextmanager
-async def config_reloading(app: Starlette, source: str | None, poll_s: float,
-                           socks: dict[str, aiohttp.ClientSession]) -> AsyncIterator[None]:
-    """While the app runs, reload `source` on SIGHUP and when the file changes; nothing without a source."""
-    if source is None:
-        yield
-        return
-    wake = asyncio.Event()
-    undo = _on_sighup(wake.set)
-    task = asyncio.ensure_future(watch_config(source, poll_s, wake, lambda: reload_gateway(app, source, socks)))
-    try:
-        yield
-    finally:
-        undo()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def render_status(gw: Gateway, now: float) -> str:
+    """The status page: one row per channel with attempts in the window, charts as inline SVG, no script."""
+    stats, config = gw.recent, gw.config
+    cooling = {(c.provider, c.upstream_model) for c in gw.scheduler.cooling()}
+    rows = "".join(_status_row(p, m, b, (p, m) in cooling) for p, m, b in stats.window())
+    minutes, hours = stats.bucket_s / 60, stats.bucket_s * stats.buckets / 3600
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    loaded = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(gw.loaded_at))
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>uni-api status</title>'
+            f'<meta http-equiv="refresh" content="60"><style>{_STATUS_STYLE}</style></head><body>'
+            f"<h1>uni-api status</h1><p>Attempts per channel over the last {hours:g} hours in {minutes:g}-minute "
+            f"buckets, at {stamp}. Config {html.escape(_source_name(config.source))} loaded at {loaded}: "
+            f"{len(config.providers)} providers, {len(config.api_keys)} api keys. Uni-api {VERSION}.</p>"
+            f"<p>{shared_state_line(gw)}</p>"
+            f"<table><thead><tr><th>channel</th><th>attempts</th><th>answered</th><th>mean latency</th>"
+            f"<th>attempts per {minutes:g} min</th><th>mean latency per {minutes:g} min</th></tr></thead><tbody>"
+            f"{rows or '<tr><td colspan=6>No attempts yet.</td></tr>'}</tbody></table></body></html>")
 
 
-def instance_id() -> str:
-    """$INSTANCE_ID, else hostname:pid: which worker or instance answered."""
-    return os.environ.get("INSTANCE_ID") or f"{socket.gethostname()}:{os.getpid()}"
-
-
-async def start_shared_state(options: StateOptions | None) -> SharedState | None:
-    """The Redis client for `state:`; an unreachable Redis is a warning, as on_error then decides each request."""
-    if options is None:
-        return None
-    shared = SharedState(options)
-    if await shared.start():
-        logger.info("shared state: Redis at %s, prefix %s, on_error %s", _redis_where(options.redis_url),
-                    options.prefix, options.on_error)
-    return shared
-
-
-async def _start_stats(stats: Stats) -> None:
-    try:
-        await stats.start()
-    except StatsError as exc:  # uvicorn exits with code 3, like a bad config
-        logger.error("error: %s", exc)
-        raise
-
-
-def release_startup_memory() -> None:
-    """Return the heap that startup freed (compiling the source, the YAML tree) to the OS: glibc keeps it
-    otherwise, and it would count in the idle RSS for the life of the process. A no-op off glibc."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def create_app(config: Config, *, scheduler: Scheduler | None = None, source: str | None = None,
-               poll_seconds: float | None = None, stats_options: StatsOptions | None = None) -> Starlette:
-    """The Starlette app serving `config`; runtime state is made in its lifespan.
-
-    `stats_options` says where statistics go (the CLI reads them from the environment); without it they stay
-    in memory, for /metrics only.
-
-    With `source` (the path or URL `config` came from) the config reloads on SIGHUP and, for a file, when
-    its mtime or size changes, checked every `poll_seconds` (default $CONFIG_POLL_SECONDS, else 2; 0: never).
-    """
-    poll_s = _env_float("CONFIG_POLL_SECONDS", CONFIG_POLL_SECONDS) if poll_seconds is None else poll_seconds
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        socks: dict[str, aiohttp.ClientSession] = {}
-        stats = Stats(stats_options)
-        shared = await start_shared_state(config.state)
-        try:
-            await _start_stats(stats)
-            base = Gateway(config, MappingProxyType({}), frozenset(), scheduler or Scheduler(), session,
-                           TokenCache(session), socks, stats=stats, shared=shared, instance=instance_id())
-            try:
-                app.state.gateway = await build_gateway(config, base, socks)
-            except ConfigError as exc:  # a gap only model discovery could reveal; uvicorn exits with code 3
-                logger.error("error: %s", exc)
-                raise
-            release_startup_memory()
-            async with config_reloading(app, source, poll_s, socks):
-                yield
-        finally:
-            await stats.close()
-            if shared is not None:
-                await shared.close()
-            for open_session in (session, *socks.values()):
-                await open_session.close()
-
-    routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/models", v1_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
-        Route("/v1beta/models", gemini_models, methods=["GET"]),
-        Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
-        Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
-        Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
-        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
-        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
-        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
-        Route("/v1/responses", responses, methods=["POST"]),
-        Route("/v1/responses/compact", compact_response, methods=["POST"]),
-        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
-        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
-        Route("/v1/embeddings", json_endpoint("embeddings"), methods=["POST"]),
-        Route("/v1/images/generations", json_endpoint("images", "dall-e-2"), methods=["POST"]),
-        Route("/v1/moderations", json_endpoint("moderations", "omni-moderation-latest"), methods=["POST"]),
-        Route("/v1/audio/speech", json_endpoint("speech"), methods=["POST"]),
-        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
-        Route("/status", status_page, methods=["GET"]),
-        Route("/v1/stats", stats_summary, methods=["GET"]),
-        Route("/v1/token_usage", token_usage, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-    ]
-    handlers: dict[Any, Any] = {GatewayError: render_error, HTTPException: render_error,
-                                ClientDisconnected: render_error, Exception: render_error}
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                     middleware=[Middleware(RequestLog)])
+async def status_page(request: Request) -> Response:
+    """Read-only HTML for admin keys; the key as `?key=` (for a browser) or the usual headers."""
+    gw = _gateway(request)
+    token = request.query_params.get("key")
+    key = find_key(gw.config, token) if token else authenticate(request, gw.config)
+    if key.role != "admin":
+        raise AdminRequired("The status page needs an admin key (role: admin).")
+    return HTMLResponse(render_status(gw, time.time()), headers=_STATUS_HEADERS)
 
 
 # --- Connection guards: slow request headers and bodies ---
+
 
 DEFAULT_HEADER_TIMEOUT: Final = 10.0
 DEFAULT_GRACE_PERIOD: Final = 30.0
@@ -3648,6 +3660,7 @@ def _signals_exit_zero() -> Iterator[None]:
 
 
 # --- Workers: one supervisor, N gateway processes accepting on one listening socket ---
+
 
 WORKER_RESTART_DELAY_S: Final = 1.0  # a worker that dies younger than this is replaced after this long
 _PR_SET_PDEATHSIG: Final = 1  # prctl(2)
@@ -3769,7 +3782,6 @@ def _worker(serve: _Serve, slot: int, *, fresh: bool) -> int:
         except ConfigError as exc:
             logger.error("worker %d: config reload failed, serving the one the supervisor started with: %s", slot, exc)
     return run(config, serve.host, serve.port, serve.source, serve.grace_period, serve.sock)
-
 
 
 # --- CLI ---
