@@ -351,6 +351,10 @@ class Adapter:
         payload = self.apply_overrides({**(body or {}), "model": target.upstream_model}, target)
         return UpstreamRequest("POST", url, headers, json=payload)
 
+    def build_count_tokens_request(self, body: Mapping[str, Any], target: Target) -> UpstreamRequest:
+        """The engine's own token counting, for the faces whose `counters` name it."""
+        raise NotImplementedError
+
     def build_models_request(self, target: Target) -> UpstreamRequest:
         """The provider's model listing, for startup discovery; `target.upstream_model` is empty."""
         return UpstreamRequest("GET", self.url("models", {}, target), self.headers(target))
@@ -2666,6 +2670,7 @@ class Face:
 
     name: ClassVar[str]
     native: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})
+    counters: ClassVar[Mapping[str, Adapter]] = MappingProxyType({})  # engines that count the face's tokens
 
     def validate(self, body: Mapping[str, Any]) -> str:
         """Shape checks the conversions rely on; returns the model alias or raises RequestError."""
@@ -2702,6 +2707,10 @@ class Face:
         raise NotImplementedError
 
     def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
+        raise NotImplementedError
+
+    def estimate_tokens(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The face's token-count answer, estimated, for a model no counting engine serves."""
         raise NotImplementedError
 
 
@@ -3137,7 +3146,6 @@ class BedrockMessagesAdapter(MessagesAdapter, BedrockAdapter):
 MESSAGES_PASSTHROUGH: Final[Mapping[str, MessagesAdapter]] = MappingProxyType(
     {a.engine: a for a in (MessagesAdapter(), VertexMessagesAdapter(), BedrockMessagesAdapter())}
 )
-COUNTING_ENGINES: Final = frozenset(engine for engine, a in MESSAGES_PASSTHROUGH.items() if a.counts_tokens)
 
 # "Messages": the answer's `usage`; "Streaming Messages": message_start's message.usage, then message_delta's
 # cumulative counts. The JSON is read only for these events; the relayed bytes stay as the upstream sent them.
@@ -3207,6 +3215,7 @@ class MessagesFace(Face):
 
     name = "messages"
     native = MESSAGES_PASSTHROUGH
+    counters = MappingProxyType({engine: a for engine, a in MESSAGES_PASSTHROUGH.items() if a.counts_tokens})
 
     def validate(self, body: Mapping[str, Any]) -> str:
         model = _CHAT.validate(body)
@@ -3231,6 +3240,9 @@ class MessagesFace(Face):
 
     def native_stream(self, body: Mapping[str, Any], model: str) -> NativeStream:
         return _MessagesNative(model)
+
+    def estimate_tokens(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"input_tokens": estimate_input_tokens(body)}
 
 
 _CHAT: Final = ChatFace()
@@ -4563,6 +4575,7 @@ class GeminiFace(Face):
 
     name = "gemini"
     native = MappingProxyType({a.engine: a for a in (GeminiNativeAdapter(), VertexGeminiNativeAdapter())})
+    counters = native  # "models.countTokens", on Vertex too
 
     def validate(self, body: Mapping[str, Any]) -> str:
         return validate_gemini(body)
@@ -4597,6 +4610,9 @@ class GeminiFace(Face):
         except (JSONDecodeError, ValueError, RecursionError):
             usage = None
         return rename_model_version(raw, model), usage
+
+    def estimate_tokens(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {"totalTokens": estimate_gemini_tokens(body)}
 
 
 # --- The faces, by name (uni_api.py's routes pick theirs here) ---

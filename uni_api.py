@@ -1263,18 +1263,25 @@ async def render_error(request: Request, exc: Exception) -> Response:
     return _envelope(request, "Internal error in the gateway.", "server_error", None, 500, headers)
 
 
-# --- Anthropic count_tokens ---
+# --- Token counting: Anthropic's count_tokens, Gemini's countTokens ---
 # "Count tokens in a Message" for clients of the Messages API: a channel that counts (the Anthropic API) answers,
 # any other gets the gateway's estimate.
 
 
-def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
-    """A channel that counts tokens (the Anthropic API) answers; any other gets the gateway's estimate."""
+async def count_flow(gw: Gateway, key: ApiKey, model: str, face: Face, body: Mapping[str, Any],
+                     record: RequestRecord | None) -> Response:
+    """A channel whose engine counts answers; when the model has none, the face's estimate, spending none of the
+    key's rate limit."""
+    if not any(channel.engine in face.counters for channel in channels_for(gw, key, model)):
+        return _json_response(adapters.dumps(face.estimate_tokens(body)))
+    return await dispatch(gw, key, model, count_sender(gw, face, body), record)
 
+
+def count_sender(gw: Gateway, face: Face, body: Mapping[str, Any]) -> Sender:
     async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        if channel.engine not in adapters.COUNTING_ENGINES:
-            return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
-        native = adapters.MESSAGES_PASSTHROUGH[channel.engine]
+        native = face.counters.get(channel.engine)
+        if native is None:
+            return _json_response(adapters.dumps(face.estimate_tokens(body)))
         response = await _open(gw, gw.config.policies[channel.provider],
                                native.build_count_tokens_request(body, target), timeout)
         try:
@@ -1287,18 +1294,13 @@ def count_tokens_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
 
 
 async def count_tokens(request: Request) -> Response:
-    """"Count tokens in a Message": passed to a channel that counts when one serves the model, else estimated
-    without spending the key's rate limit."""
+    """"Count tokens in a Message" for clients of the Messages API."""
+    face = request.state.face = adapters.FACES["messages"]
     gw = _gateway(request)
     key = authenticate(request, gw.config)
     body = await read_json(request, gw.config.body_limit)
-    request.state.face = adapters.FACES["messages"]
-    model = checked(adapters.FACES["messages"].validate, body)
-    record = _track(request, key, model)
-    channels = channels_for(gw, key, model)
-    if not any(channel.engine in adapters.COUNTING_ENGINES for channel in channels):
-        return _json_response(adapters.dumps({"input_tokens": adapters.estimate_input_tokens(body)}))
-    return await until_disconnect(request, dispatch(gw, key, model, count_tokens_sender(gw, body), record))
+    model = checked(face.validate, body)
+    return await until_disconnect(request, count_flow(gw, key, model, face, body, _track(request, key, model)))
 
 
 # --- OpenAI Responses: the store behind previous_response_id, GET / DELETE, compact ---
@@ -1529,24 +1531,6 @@ _GEMINI_FACE: Final = adapters.FACES["gemini"]
 _GEMINI_VERBS: Final = frozenset({"generateContent", "streamGenerateContent", "countTokens"})
 
 
-def gemini_count_sender(gw: Gateway, body: Mapping[str, Any]) -> Sender:
-    """A Gemini channel counts ("models.countTokens"); any other gets the gateway's estimate."""
-
-    async def send(channel: Channel, adapter: Adapter, target: Target, timeout: float) -> Response:
-        native = _GEMINI_FACE.native.get(channel.engine)
-        if not isinstance(native, adapters.GeminiNativeAdapter):
-            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
-        response = await _open(gw, gw.config.policies[channel.provider],
-                               native.build_count_tokens_request(body, target), timeout)
-        try:
-            await _check_status(response, native, timeout)
-            return _json_response(await _read(response, timeout))
-        finally:
-            response.release()
-
-    return send
-
-
 async def gemini_generate(request: Request) -> Response:
     """POST .../models/{model}:{verb}: the path and query become the body's model, stream and alt keys, then the
     face's flow. With no Gemini channel for the model, what no other engine takes is refused at once with a 400
@@ -1562,9 +1546,7 @@ async def gemini_generate(request: Request) -> Response:
     record = _track(request, key, model)
     native = any(channel.engine in _GEMINI_FACE.native for channel in channels_for(gw, key, model))
     if verb == "countTokens":
-        if not native:
-            return _json_response(adapters.dumps({"totalTokens": adapters.estimate_gemini_tokens(body)}))
-        return await until_disconnect(request, dispatch(gw, key, model, gemini_count_sender(gw, body), record))
+        return await until_disconnect(request, count_flow(gw, key, model, _GEMINI_FACE, body, record))
     checked(_GEMINI_FACE.validate, body)
     if not native:
         checked(adapters.from_gemini_request, body)
