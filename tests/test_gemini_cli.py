@@ -35,7 +35,7 @@ def gemini_cli() -> Path:
     if shutil.which("npm") is None or shutil.which("node") is None:
         pytest.skip("npm and node are needed to install and run @google/gemini-cli")
     if not GEMINI_BIN.exists():
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=NODE_DIR, check=True,
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_DIR, check=True,
                        timeout=600)
     return GEMINI_BIN
 
