@@ -1130,6 +1130,11 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
                 await open_session.close()
 
     routes = [
+        # the busiest first: Starlette tries routes in order
+        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
+        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/models/{model:path}", v1_model, methods=["GET"]),
@@ -1137,10 +1142,6 @@ def create_app(config: Config, *, scheduler: Scheduler | None = None, source: st
         Route("/v1beta/models/{model:path}", gemini_model, methods=["GET"]),
         Route("/v1beta/models/{target:path}", gemini_generate, methods=["POST"]),
         Route("/v1/models/{target:path}", gemini_generate, methods=["POST"]),
-        Route("/v1/chat/completions", face_route(adapters.FACES["chat"]), methods=["POST"]),
-        Route("/v1/messages", face_route(adapters.FACES["messages"]), methods=["POST"]),
-        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
-        Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/responses/compact", compact_response, methods=["POST"]),
         Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
@@ -1886,28 +1887,30 @@ async def _try_channel(flow: Flow, channel: Channel, send: Sender) -> Response |
     timeout = resolve_timeout(channel.upstream_model, policy.timeouts, gw.config.timeouts, gw.config.default_timeout)
     flow.start_clock(timeout)
     tried = False
-    async for index in _keys(flow, policy, channel.upstream_model):
-        tried, left = True, flow.time_left()
-        flow.attempts_left -= 1
-        started = time.perf_counter()
-        outcome = await _attempt(flow, channel, index, timeout, send, left)
-        gw.recent.record(channel, outcome, time.perf_counter() - started)
-        if isinstance(outcome, Response):
-            return outcome
-        flow.failures.append((channel, outcome))
-        if not outcome.retryable:
-            raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
-                               code="upstream_error")
-        if isinstance(outcome, _OutOfTime):
-            flow.attempts_left = 0
-        elif isinstance(outcome, _NotServed):
-            flow.attempts_left += 1  # nothing was sent upstream
-        elif outcome.status in _KEY_FAILURES and index is not None:
-            await key_failed(gw, policy, index, outcome.retry_after)
-            continue
-        else:
-            await channel_failed(gw, channel)
-        return None
+    # closed here, not left to the garbage collector, which would spend a task per request closing it
+    async with contextlib.aclosing(_keys(flow, policy, channel.upstream_model)) as keys:
+        async for index in keys:
+            tried, left = True, flow.time_left()
+            flow.attempts_left -= 1
+            started = time.perf_counter()
+            outcome = await _attempt(flow, channel, index, timeout, send, left)
+            gw.recent.record(channel, outcome, time.perf_counter() - started)
+            if isinstance(outcome, Response):
+                return outcome
+            flow.failures.append((channel, outcome))
+            if not outcome.retryable:
+                raise GatewayError(outcome.message, status=outcome.status, type_="invalid_request_error",
+                                   code="upstream_error")
+            if isinstance(outcome, _OutOfTime):
+                flow.attempts_left = 0
+            elif isinstance(outcome, _NotServed):
+                flow.attempts_left += 1  # nothing was sent upstream
+            elif outcome.status in _KEY_FAILURES and index is not None:
+                await key_failed(gw, policy, index, outcome.retry_after)
+                continue
+            else:
+                await channel_failed(gw, channel)
+            return None
     if not flow.can_spend():
         return None
     if tried:  # every key failed this request: the channel failed
