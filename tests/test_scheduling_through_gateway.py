@@ -654,20 +654,19 @@ def test_error_trigger_in_a_non_stream_body_tries_the_next_channel(make_upstream
     assert (len(a.received), len(b.received)) == (1, 1)
 
 
-def test_error_trigger_in_the_first_stream_chunk_tries_the_next_channel(make_upstream, make_gateway) -> None:
-    a, b = make_upstream(), make_upstream()
-    events = chunks(["later"])
+def _trigger_first(events: list[Any]) -> list[Any]:
     events[0]["choices"][0]["delta"]["content"] = TRIGGER
-    a.enqueue(sse=events)
-    gw = make_gateway(trigger_config(a, b))
-    stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: hi"
-    assert (len(a.received), len(b.received)) == (1, 1)
+    return events
 
 
-def test_error_trigger_split_over_the_first_stream_chunks_tries_the_next_channel(make_upstream, make_gateway) -> None:
+@pytest.mark.parametrize("events", [
+    _trigger_first(chunks(["later"])),  # in the first chunk
+    chunks(["The bot's usage ", "is covered ", "by the developer", " and more"]),  # split over the first chunks
+], ids=["first-chunk", "split-over-chunks"])
+def test_error_trigger_early_in_a_stream_tries_the_next_channel(make_upstream, make_gateway,
+                                                                  events: list[Any]) -> None:
     a, b = make_upstream(), make_upstream()
-    a.enqueue(sse=chunks(["The bot's usage ", "is covered ", "by the developer", " and more"]))
+    a.enqueue(sse=events)
     gw = make_gateway(trigger_config(a, b))
     stream = gw.client("sk-client").chat.completions.create(model="gpt-4o", messages=USER, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "echo: hi"
